@@ -1,0 +1,14 @@
+// Command caddy is Caddy with the standard modules plus caddy-sse, for local
+// use and for the demo; it is what `xcaddy build --with
+// github.com/seed-b7710c89/caddy-sse` produces.
+package main
+
+import (
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+)
+
+func main() {
+	caddycmd.Main()
+}
