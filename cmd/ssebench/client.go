@@ -149,14 +149,14 @@ func (g *loadGen) ramp(ctx context.Context, n int, rate float64) error {
 				select {
 				case <-time.After(d):
 				case <-ctx.Done():
-					return ctx.Err()
+					return context.Cause(ctx)
 				}
 			}
 		}
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
-			return ctx.Err()
+			return context.Cause(ctx)
 		}
 		g.wg.Add(1)
 		goSafe(func() {
@@ -168,7 +168,7 @@ func (g *loadGen) ramp(ctx context.Context, n int, rate float64) error {
 		select {
 		case <-done:
 		case <-ctx.Done():
-			return ctx.Err()
+			return context.Cause(ctx)
 		}
 	}
 	return nil

@@ -85,6 +85,7 @@ type config struct {
 	duration  time.Duration
 	settle    time.Duration
 	drain     time.Duration
+	startTO   time.Duration
 	rampRate  float64
 	timeout   time.Duration
 	compress  string
@@ -119,6 +120,7 @@ func mainErr() (err error) {
 	flag.DurationVar(&cfg.duration, "duration", 10*time.Second, "measurement window per proxy and client count")
 	flag.DurationVar(&cfg.settle, "settle", 2*time.Second, "wait between the last client connecting and the window")
 	flag.DurationVar(&cfg.drain, "drain", 5*time.Second, "after the window, how long to wait at most for its events still in flight")
+	flag.DurationVar(&cfg.startTO, "start-timeout", 30*time.Second, "how long a proxy may take to listen before the run fails")
 	flag.Float64Var(&cfg.rampRate, "ramp-rate", 2000, "new client connections per second")
 	flag.DurationVar(&cfg.timeout, "timeout", 15*time.Minute, "bound on the whole run")
 	flag.StringVar(&cfg.compress, "compress", "auto", "Accept-Encoding of the clients: none, gzip, zstd, or auto (gzip for encode_gzip, none otherwise)")
@@ -163,7 +165,9 @@ func mainErr() (err error) {
 
 	// Bounded in time, whatever happens: the context ends the work, and a
 	// watchdog kills everything if cleanup itself hangs.
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.timeout)
+	sigCtx, interrupt := context.WithCancelCause(context.Background())
+	defer interrupt(nil)
+	ctx, cancel := context.WithTimeoutCause(sigCtx, cfg.timeout, fmt.Errorf("-timeout %s reached", cfg.timeout))
 	defer cancel()
 	watchdog := time.AfterFunc(cfg.timeout+30*time.Second, func() {
 		fmt.Fprintln(os.Stderr, "ssebench: -timeout passed and cleanup did not finish; killing everything")
@@ -176,7 +180,7 @@ func mainErr() (err error) {
 	go func() {
 		s := <-sigs
 		fmt.Fprintf(os.Stderr, "ssebench: %v: stopping (again to kill at once)\n", s)
-		cancel()
+		interrupt(fmt.Errorf("interrupted (%v)", s))
 		<-sigs
 		killAll()
 		os.Exit(130)
@@ -193,14 +197,6 @@ func mainErr() (err error) {
 	if err != nil {
 		logf("could not raise RLIMIT_NOFILE (%d): %v", nofile, err)
 	}
-	need := 0
-	for _, n := range cfg.clients {
-		need = max(need, 2*n+256)
-	}
-	if uint64(need) > nofile {
-		return fmt.Errorf("RLIMIT_NOFILE is %d but %d clients need about %d file descriptors here (client and backend ends); run as root or raise the hard limit", nofile, need/2, need)
-	}
-
 	tmp, err := os.MkdirTemp("", "ssebench-")
 	if err != nil {
 		return err
@@ -218,6 +214,18 @@ func mainErr() (err error) {
 	if cfg.proxies, err = resolveProxies(ctx, proxies, cfg, tmp); err != nil {
 		return err
 	}
+	var tooMany []string
+	for _, n := range cfg.clients {
+		for _, kind := range cfg.proxies {
+			if need := fdsNeeded(kind, n); uint64(need) > nofile {
+				tooMany = append(tooMany, fmt.Sprintf("%s with %d clients needs about %d", kind, n, need))
+			}
+		}
+	}
+	if len(tooMany) > 0 {
+		return fmt.Errorf("RLIMIT_NOFILE is %d and cannot be raised further here (that needs root with CAP_SYS_RESOURCE, or a higher hard limit): %s file descriptors in one process", nofile, strings.Join(tooMany, "; "))
+	}
+
 
 	em, err := startEmitter()
 	if err != nil {
@@ -267,6 +275,32 @@ outer:
 		}
 	}
 	return runErr
+}
+
+// fdsNeeded estimates the file descriptors the busiest process (the proxy,
+// or the bench holding the clients and the emitter's ends) needs for n
+// clients: two per client where every client has its own upstream.
+func fdsNeeded(kind string, n int) int {
+	const spare = 128
+	if kind == "fanout" {
+		return n + spare
+	}
+	return 2*n + spare
+}
+
+// candidateKinds lists the proxies a -proxies value may run, before
+// checking what is available.
+func candidateKinds(list string) []string {
+	if list == "auto" {
+		return []string{"fanout", "passthrough", "reverse_proxy", "nginx"}
+	}
+	var out []string
+	for _, p := range strings.Split(list, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func mode(cfg config) string {
@@ -325,16 +359,7 @@ func resolveBinaries(ctx context.Context, cfg *config, tmp string) error {
 // the first runs.
 func resolveProxies(ctx context.Context, list string, cfg config, tmp string) ([]string, error) {
 	auto := list == "auto"
-	var want []string
-	if auto {
-		want = []string{"fanout", "passthrough", "reverse_proxy", "nginx"}
-	} else {
-		for _, p := range strings.Split(list, ",") {
-			if p = strings.TrimSpace(p); p != "" {
-				want = append(want, p)
-			}
-		}
-	}
+	want := candidateKinds(list)
 	known := map[string]bool{}
 	for _, k := range proxyKinds {
 		known[k] = true
@@ -388,14 +413,22 @@ func adaptCheck(ctx context.Context, cfg config, kind, tmp string) error {
 func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, dir string) (res result, err error) {
 	res = result{Proxy: kind, Clients: n, Mode: mode(cfg)}
 	listen := em.addr
-	if kind != "direct" {
-		if listen, err = freePort(); err != nil {
+	var p *proc
+	for attempt := 1; ; attempt++ {
+		if kind != "direct" {
+			if listen, err = freePort(); err != nil {
+				return res, err
+			}
+		}
+		p, err = launchProxy(kind, cfg.caddyBin, cfg.nginxBin, dir, proxySpec{kind: kind, listen: listen, upstream: em.addr, sseOpts: cfg.sseOpts}, cfg.startTO)
+		if err == nil {
+			break
+		}
+		// Another process may take the free port before the proxy binds it.
+		if attempt == 3 || !strings.Contains(err.Error(), "address already in use") {
 			return res, err
 		}
-	}
-	p, err := launchProxy(kind, cfg.caddyBin, cfg.nginxBin, dir, proxySpec{kind: kind, listen: listen, upstream: em.addr, sseOpts: cfg.sseOpts})
-	if err != nil {
-		return res, err
+		logf("  port %s was taken, retrying", listen)
 	}
 	defer func() {
 		if p != nil {
@@ -463,7 +496,7 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 	rcancel()
 	if err != nil {
 		if ctx.Err() != nil {
-			return res, err
+			return res, context.Cause(ctx)
 		}
 		return res, fmt.Errorf("clients did not finish connecting within %s (%d connected, %d failed): %v", rampBudget, stats.connected.Load(), stats.connErrs.Load(), err)
 	}
@@ -581,8 +614,8 @@ func burstSummary(res *result, b *burstStats, seq0, seq1 uint64, live int64) {
 }
 
 func summary(r result) string {
-	s := fmt.Sprintf("%d/%d connected, %d errors, %d disconnects, %d upstreams; %.0f events/s (%.1f%%), p50 %s p99 %s max %s; proxy CPU %.1f%% (%.2f µs/event), RSS +%.1f MiB (%.1f KiB/client); bench CPU %.0f%%",
-		r.Connected, r.Clients, r.ConnErrs, r.Disconnects, r.Upstreams, r.PerSec, 100*r.Share, ms(r.P50us)+"ms", ms(r.P99us)+"ms", ms(r.MaxUs)+"ms",
+	s := fmt.Sprintf("%d/%d connected, %d errors, %d disconnects, %d upstreams; %.0f events/s (%.1f%%, %d lost, %d dups), p50 %s p99 %s max %s; proxy CPU %.1f%% (%.2f µs/event), RSS +%.1f MiB (%.1f KiB/client); bench CPU %.0f%%",
+		r.Connected, r.Clients, r.ConnErrs, r.Disconnects, r.Upstreams, r.PerSec, 100*r.Share, r.Lost, r.Dups, ms(r.P50us)+"ms", ms(r.P99us)+"ms", ms(r.MaxUs)+"ms",
 		r.CPUPercent, r.CPUPerEvUs, float64(r.RSS-r.BaseRSS)/(1<<20), r.KiBPerConn, r.GenCPUPct)
 	if r.Bursts > 0 {
 		s += fmt.Sprintf("; bursts: %d, median completion %.1f ms, %.0f deliveries/s", r.Bursts, r.BurstComplete, r.BurstPerSec)

@@ -75,6 +75,7 @@ func caddyfile(p proxySpec) (string, error) {
 	admin off
 	persist_config off
 	auto_https off
+	default_bind 127.0.0.1
 	grace_period 1s
 	log {
 		level WARN
@@ -272,7 +273,7 @@ func freePort() (string, error) {
 // launchProxy writes the configuration of kind into dir and starts it,
 // returning once it serves SSE. For "direct" it returns no process and the
 // emitter's address.
-func launchProxy(kind, caddyBin, nginxBin, dir string, spec proxySpec) (*proc, error) {
+func launchProxy(kind, caddyBin, nginxBin, dir string, spec proxySpec, startTO time.Duration) (*proc, error) {
 	if kind == "direct" {
 		return nil, nil
 	}
@@ -308,7 +309,7 @@ func launchProxy(kind, caddyBin, nginxBin, dir string, spec proxySpec) (*proc, e
 	if err != nil {
 		return nil, err
 	}
-	if err := p.waitReady(spec.listen, 30*time.Second); err != nil {
+	if err := p.waitReady(spec.listen, startTO); err != nil {
 		p.stop(time.Second)
 		return nil, err
 	}
