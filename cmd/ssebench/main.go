@@ -226,7 +226,6 @@ func mainErr() (err error) {
 		return fmt.Errorf("RLIMIT_NOFILE is %d and cannot be raised further here (that needs root with CAP_SYS_RESOURCE, or a higher hard limit): %s file descriptors in one process", nofile, strings.Join(tooMany, "; "))
 	}
 
-
 	em, err := startEmitter()
 	if err != nil {
 		return err
