@@ -15,6 +15,7 @@ type result struct {
 	Proxy   string `json:"proxy"`
 	Clients int    `json:"clients"`
 	Mode    string `json:"mode"` // stream, idle or burst
+	Runs    int    `json:"runs"` // repetitions this is the median of
 
 	Connected   int64 `json:"connected"`
 	ConnErrs    int64 `json:"connect_errors"`
@@ -41,7 +42,8 @@ type result struct {
 	BaseRSS    int64   `json:"proxy_idle_rss"`
 	RSS        int64   `json:"proxy_rss"`
 	KiBPerConn float64 `json:"proxy_kib_per_client"`
-	GenCPUPct  float64 `json:"bench_cpu_pct"` // the bench process itself (emitter + clients)
+	GenCPUPct  float64 `json:"bench_cpu_pct"`            // the bench process itself (emitter + clients)
+	Comments   float64 `json:"comment_lines_per_client"` // heartbeats and other comment lines received in the window
 
 	BurstPerSec   float64 `json:"burst_deliveries_per_s,omitempty"`
 	BurstComplete float64 `json:"burst_completion_ms,omitempty"` // median over bursts
@@ -78,16 +80,16 @@ func writeTable(w io.Writer, rs []result) {
 	}
 	switch rs[0].Mode {
 	case "idle":
-		fmt.Fprintln(w, "| proxy | clients | connected | conn errs | disconnects | upstreams | proxy CPU % | RSS Δ MiB | KiB/client | ×rp |")
-		fmt.Fprintln(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+		fmt.Fprintln(w, "| proxy | clients | connected | conn errs | disconnects | upstreams | comments/client | proxy CPU % | RSS Δ MiB | KiB/client | ×rp |")
+		fmt.Fprintln(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
 		for _, r := range rs {
 			b, ok := baselineOf(rs, r)
 			mem := "–"
 			if ok && r.Proxy != "direct" {
 				mem = ratio(r.KiBPerConn, b.KiBPerConn)
 			}
-			fmt.Fprintf(w, "| %s | %d | %d | %d | %d | %d | %.1f | %.1f | %.1f | %s |\n",
-				r.Proxy, r.Clients, r.Connected, r.ConnErrs, r.Disconnects, r.Upstreams,
+			fmt.Fprintf(w, "| %s | %d | %d | %d | %d | %d | %.1f | %.2f | %.1f | %.1f | %s |\n",
+				r.Proxy, r.Clients, r.Connected, r.ConnErrs, r.Disconnects, r.Upstreams, r.Comments,
 				r.CPUPercent, float64(r.RSS-r.BaseRSS)/(1<<20), r.KiBPerConn, mem)
 		}
 		return

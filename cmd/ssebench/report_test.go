@@ -146,3 +146,18 @@ func TestTableRatios(t *testing.T) {
 		t.Errorf("direct row should have no ratios: %s", lines[5])
 	}
 }
+
+func TestMedianRun(t *testing.T) {
+	rs := []result{{CPUPerEvUs: 30, Delivered: 1, P50us: 3}, {CPUPerEvUs: 10, Delivered: 1, P50us: 1}, {CPUPerEvUs: 20, Delivered: 1, P50us: 2}}
+	m := medianRun(rs, false)
+	if m.CPUPerEvUs != 20 || m.P50us != 2 || m.Runs != 3 {
+		t.Errorf("median of 3: %+v", m)
+	}
+	if m := medianRun(rs[:2], false); m.CPUPerEvUs != 10 {
+		t.Errorf("median of 2 should be the lower run: %+v", m)
+	}
+	idle := []result{{CPUPercent: 5}, {CPUPercent: 1}, {CPUPercent: 3}}
+	if m := medianRun(idle, true); m.CPUPercent != 3 {
+		t.Errorf("idle median: %+v", m)
+	}
+}
