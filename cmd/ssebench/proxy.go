@@ -344,15 +344,23 @@ func (t *tailBuffer) String() string {
 }
 
 // indented returns the last lines of the output, indented for error
-// messages (at most 20 lines).
+// messages: at most 20 lines, or, when the process panicked, the panic
+// message and the first lines of its stack (a Go crash prints the cause
+// first and then every goroutine).
 func (t *tailBuffer) indented() string {
 	s := strings.TrimRight(t.String(), "\n")
 	if s == "" {
 		return "    (no output)"
 	}
 	lines := strings.Split(s, "\n")
-	if len(lines) > 20 {
-		lines = lines[len(lines)-20:]
+	start, n := len(lines)-20, 20
+	for i, l := range lines {
+		if strings.HasPrefix(l, "panic: ") || strings.HasPrefix(l, "fatal error: ") {
+			start, n = i, 30
+			break
+		}
 	}
+	start = max(start, 0)
+	lines = lines[start:min(len(lines), start+n)]
 	return "    " + strings.Join(lines, "\n    ")
 }

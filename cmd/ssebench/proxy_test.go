@@ -60,6 +60,14 @@ func TestTailBuffer(t *testing.T) {
 	if got := strings.Count(tb.indented(), "line"); got != 20 {
 		t.Errorf("indented keeps %d lines, want 20", got)
 	}
+	tb = &tailBuffer{max: 1 << 16}
+	tb.Write([]byte("starting\npanic: runtime error: invalid memory address\n\ngoroutine 7 [running]:\n"))
+	for i := 0; i < 100; i++ {
+		tb.Write([]byte("frame\n"))
+	}
+	if got := tb.indented(); !strings.HasPrefix(got, "    panic: runtime error") || strings.Count(got, "\n") != 29 {
+		t.Errorf("a panic should be shown from its first line, 30 lines:\n%s", got)
+	}
 	if (&tailBuffer{max: 1}).indented() != "    (no output)" {
 		t.Error("empty output")
 	}
