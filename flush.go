@@ -1,0 +1,427 @@
+package caddysse
+
+import (
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// errStreamEnded is the cause given to a stream's context when the plugin
+// ended the stream itself (max_age, shutdown); writes after it fail with it.
+var errStreamEnded = errors.New("sse: stream ended by the plugin")
+
+// pendingKeep is the capacity of the unfinished-event buffer kept between
+// events; a buffer grown larger by a big event is released after it.
+const pendingKeep = 64 << 10
+
+// responseWriter wraps the response of the next handlers and decides, when
+// the header is written, whether it is an event stream.
+type responseWriter struct {
+	*caddyhttp.ResponseWriterWrapper
+	h           *Handler
+	req         *http.Request
+	cancel      context.CancelCauseFunc
+	rc          *http.ResponseController // for non-stream flushes; made once
+	wroteHeader bool
+	stream      *stream // set when the response is an event stream
+}
+
+// WriteHeader starts a stream when the response is one, and otherwise
+// passes the status through.
+func (rw *responseWriter) WriteHeader(status int) {
+	if rw.wroteHeader {
+		return
+	}
+	if status >= 100 && status < 200 && status != http.StatusSwitchingProtocols {
+		rw.ResponseWriter.WriteHeader(status) // informational: more headers follow
+		return
+	}
+	rw.wroteHeader = true
+	if !rw.isEventStream(status) {
+		rw.ResponseWriter.WriteHeader(status)
+		return
+	}
+	prepareStreamHeader(rw.Header(), rw.req.ProtoMajor)
+	if rw.req.Method == http.MethodHead {
+		rw.ResponseWriter.WriteHeader(status)
+		return
+	}
+	rw.stream = rw.h.startStream(rw.ResponseWriter, rw.req, status, rw.cancel)
+}
+
+// isEventStream reports whether a response with this status and header is
+// an event stream the plugin can read.
+func (rw *responseWriter) isEventStream(status int) bool {
+	if status < 200 || status > 299 || status == http.StatusNoContent || status == http.StatusResetContent {
+		return false
+	}
+	hdr := rw.Header()
+	if !isEventStreamType(hdr.Get("Content-Type")) {
+		return false
+	}
+	if ce := hdr.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+		rw.h.logger.Warn("backend sent a compressed event stream; passing it through without per-event flushing or heartbeats",
+			zap.String("content_encoding", ce), zap.String("path", rw.req.URL.Path))
+		return false
+	}
+	return true
+}
+
+func (rw *responseWriter) Write(p []byte) (int, error) {
+	if !rw.wroteHeader {
+		rw.WriteHeader(http.StatusOK)
+	}
+	if rw.stream != nil {
+		return rw.stream.Write(p)
+	}
+	return rw.ResponseWriter.Write(p)
+}
+
+// ReadFrom keeps io.Copy (file_server, for example) on our Write for
+// streams, and on the fast path of the underlying writer for the rest.
+func (rw *responseWriter) ReadFrom(r io.Reader) (int64, error) {
+	if !rw.wroteHeader {
+		rw.WriteHeader(http.StatusOK)
+	}
+	if rw.stream != nil {
+		return io.Copy(writerOnly{rw.stream}, r)
+	}
+	return rw.ResponseWriterWrapper.ReadFrom(r)
+}
+
+// FlushError is what http.ResponseController calls. A stream is flushed at
+// every event boundary by the plugin, so a flush from the handler behind
+// it (reverse_proxy flushes after every read) must not push out half an
+// event.
+func (rw *responseWriter) FlushError() error {
+	if !rw.wroteHeader {
+		rw.WriteHeader(http.StatusOK)
+	}
+	if rw.stream != nil {
+		return nil
+	}
+	if rw.rc == nil {
+		rw.rc = http.NewResponseController(rw.ResponseWriter)
+	}
+	return rw.rc.Flush()
+}
+
+// Flush serves handlers that still type-assert http.Flusher.
+func (rw *responseWriter) Flush() { _ = rw.FlushError() }
+
+type writerOnly struct{ io.Writer }
+
+// prepareStreamHeader turns off buffering and caching for a stream.
+func prepareStreamHeader(hdr http.Header, protoMajor int) {
+	hdr.Del("Content-Length")
+	cc := hdr.Get("Cache-Control")
+	switch {
+	case cc == "":
+		hdr.Set("Cache-Control", "no-cache, no-transform")
+	case !strings.Contains(strings.ToLower(cc), "no-transform"):
+		hdr.Set("Cache-Control", cc+", no-transform")
+	}
+	hdr.Set("X-Accel-Buffering", "no")
+	if protoMajor >= 2 {
+		for _, h := range []string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade"} {
+			hdr.Del(h)
+		}
+	}
+}
+
+// clientConn writes to one client. It bounds every write by the write
+// timeout and flushes through http.ResponseController, so it works behind
+// any wrapping middleware that keeps Unwrap.
+type clientConn struct {
+	w        http.ResponseWriter
+	rc       *http.ResponseController
+	timeout  time.Duration
+	deadline time.Time // write deadline now set on the connection
+}
+
+func newClientConn(w http.ResponseWriter, timeout time.Duration) clientConn {
+	rc := http.NewResponseController(w)
+	// A stream never ends, so the server's own read and write timeouts
+	// would cut it; each write gets its own deadline instead.
+	_ = rc.SetReadDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Time{})
+	return clientConn{w: w, rc: rc, timeout: timeout}
+}
+
+// arm makes sure the next write has at least half the write timeout left,
+// without touching the connection's deadline on every write.
+func (c *clientConn) arm(now time.Time) error {
+	if c.timeout <= 0 || c.deadline.Sub(now) >= c.timeout/2 {
+		return nil
+	}
+	c.deadline = now.Add(c.timeout)
+	err := c.rc.SetWriteDeadline(c.deadline)
+	if errors.Is(err, http.ErrNotSupported) {
+		c.timeout = 0 // no deadline support (a test recorder); nothing to arm
+		return nil
+	}
+	return err
+}
+
+// writeFlush writes p and flushes it (and the header) to the client.
+func (c *clientConn) writeFlush(now time.Time, p []byte) error {
+	if err := c.arm(now); err != nil {
+		return err
+	}
+	if len(p) > 0 {
+		if _, err := c.w.Write(p); err != nil {
+			return err
+		}
+	}
+	return c.rc.Flush()
+}
+
+// Why a stream ended, for logs and for the bytes written at the end.
+type endReason string
+
+const (
+	endBackend    endReason = "backend ended the stream"
+	endClient     endReason = "client write failed"
+	endMaxAge     endReason = "max_age reached"
+	endShutdown   endReason = "server shutting down"
+	endNotStarted endReason = "server shutting down before the stream started"
+)
+
+// stream is one client's event stream in pass-through mode. The handler
+// behind the plugin writes into it; it forwards complete events at once,
+// holds an unfinished one, and is the only writer to the client (the
+// heartbeat and the end of the stream take the same lock).
+type stream struct {
+	h       *Handler
+	server  *http.Server
+	cancel  context.CancelCauseFunc
+	logger  *zap.Logger
+	started time.Time
+
+	mu            sync.Mutex
+	out           clientConn
+	scan          eventScanner
+	pending       []byte // the unfinished event, held until its end
+	midEvent      bool   // part of an unfinished event is on the wire
+	warnedSize    bool
+	forwarded     bool // some backend bytes reached the client
+	lastWrite     time.Time
+	closed        bool
+	endAtBoundary endReason // end requested while midEvent
+	reason        endReason
+	heartbeat     *time.Timer
+	maxAge        *time.Timer
+	events, bytes int64
+	heartbeats    int64
+}
+
+// startStream writes the stream's header and prelude and starts its timers.
+func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int, cancel context.CancelCauseFunc) *stream {
+	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
+	s := &stream{
+		h:       h,
+		server:  srv,
+		cancel:  cancel,
+		logger:  h.logger.With(zap.String("path", r.URL.Path), zap.String("remote_ip", remoteIP(r))),
+		started: time.Now(),
+		out:     newClientConn(w, time.Duration(h.WriteTimeout)),
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w.WriteHeader(status)
+	// Headers and padding go out at once, before the first event.
+	if err := s.writeLocked(h.prelude); err != nil {
+		s.closeLocked(endClient, err)
+		return s
+	}
+	if !h.streams.add(s, srv) {
+		s.closeLocked(endNotStarted, errStreamEnded)
+		return s
+	}
+	if h.heartbeatEvery > 0 {
+		s.heartbeat = time.AfterFunc(h.heartbeatEvery, s.onHeartbeat)
+	}
+	if h.MaxAge > 0 {
+		age := time.Duration(float64(h.MaxAge) * (0.8 + 0.2*rand.Float64()))
+		s.maxAge = time.AfterFunc(age, func() { s.end(endMaxAge) })
+	}
+	if c := s.logger.Check(zap.DebugLevel, "stream started"); c != nil {
+		c.Write()
+	}
+	return s
+}
+
+// Write takes bytes from the handler behind the plugin: complete events go
+// to the client at once, with one flush for all events of this write; the
+// unfinished rest is held until its end or until it outgrows max_event_size.
+func (s *stream) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return 0, errStreamEnded
+	}
+	end, count := 0, 0
+	for off := 0; off < len(p); {
+		n, complete := s.scan.next(p[off:])
+		off += n
+		if complete {
+			end, count = off, count+1
+			if s.endAtBoundary != "" {
+				break // the stream ends at this boundary
+			}
+		}
+	}
+	if count > 0 {
+		if err := s.forwardLocked(p[:end]); err != nil {
+			return 0, err
+		}
+		s.events += int64(count)
+		s.midEvent = false
+		if s.endAtBoundary != "" {
+			s.endLocked(s.endAtBoundary)
+			return end, errStreamEnded
+		}
+	}
+	rest := p[end:]
+	switch {
+	case len(rest) == 0:
+	case s.midEvent:
+		if err := s.forwardLocked(rest); err != nil {
+			return end, err
+		}
+	case len(s.pending)+len(rest) > s.h.MaxEventSize:
+		if !s.warnedSize {
+			s.warnedSize = true
+			s.logger.Warn("event larger than max_event_size; streaming the rest of it unbuffered",
+				zap.Int("max_event_size", s.h.MaxEventSize))
+		}
+		if err := s.forwardLocked(rest); err != nil {
+			return end, err
+		}
+		s.midEvent = true
+	default:
+		s.pending = append(s.pending, rest...)
+	}
+	return len(p), nil
+}
+
+// forwardLocked sends what is held plus chunk to the client, and flushes.
+func (s *stream) forwardLocked(chunk []byte) error {
+	buf := chunk
+	if len(s.pending) > 0 {
+		s.pending = append(s.pending, chunk...)
+		buf = s.pending
+	}
+	if !s.forwarded {
+		s.forwarded = true
+		if s.scan.sawBOM() {
+			buf = buf[3:] // the prelude went first; a BOM after it would join the first field name
+		}
+	}
+	err := s.writeLocked(buf)
+	if cap(s.pending) > pendingKeep {
+		s.pending = nil
+	} else {
+		s.pending = s.pending[:0]
+	}
+	return err
+}
+
+// writeLocked writes and flushes p (with p empty, it only flushes); a
+// failed write ends the stream.
+func (s *stream) writeLocked(p []byte) error {
+	now := time.Now()
+	if err := s.out.writeFlush(now, p); err != nil {
+		s.closeLocked(endClient, err)
+		return err
+	}
+	s.lastWrite = now
+	s.bytes += int64(len(p))
+	return nil
+}
+
+// end ends the stream at the next event boundary, after the retry hint.
+func (s *stream) end(reason endReason) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	if s.midEvent {
+		s.endAtBoundary = reason // Write ends it when the event is complete
+		return
+	}
+	s.endLocked(reason)
+}
+
+func (s *stream) endLocked(reason endReason) {
+	if len(s.pending) > 0 {
+		if c := s.logger.Check(zap.DebugLevel, "dropping an unfinished event at the end of the stream"); c != nil {
+			c.Write(zap.Int("bytes", len(s.pending)), zap.String("reason", string(reason)))
+		}
+		s.pending = s.pending[:0]
+	}
+	if len(s.h.retryHint) > 0 && s.writeLocked(s.h.retryHint) != nil {
+		return // closed by the failed write
+	}
+	s.closeLocked(reason, errStreamEnded)
+}
+
+// closeLocked marks the stream closed and stops the handler behind it.
+func (s *stream) closeLocked(reason endReason, cause error) {
+	if s.closed {
+		return
+	}
+	s.closed = true
+	s.reason = reason
+	s.stopTimers()
+	s.cancel(cause)
+}
+
+func (s *stream) stopTimers() {
+	if s.heartbeat != nil {
+		s.heartbeat.Stop()
+	}
+	if s.maxAge != nil {
+		s.maxAge.Stop()
+	}
+}
+
+// finish runs when the handler behind the plugin returned. It forwards
+// what is left of an unfinished event and reports whether the plugin ended
+// the stream itself.
+func (s *stream) finish() (endedByPlugin bool) {
+	s.h.streams.remove(s)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closed {
+		if len(s.pending) > 0 {
+			s.logger.Debug("backend ended the stream in the middle of an event; EventSource discards it",
+				zap.Int("bytes", len(s.pending)))
+			_ = s.forwardLocked(nil)
+		}
+		s.closeLocked(endBackend, nil)
+	}
+	if c := s.logger.Check(zap.InfoLevel, "stream ended"); c != nil {
+		c.Write(zap.String("reason", string(s.reason)),
+			zap.Duration("duration", time.Since(s.started)),
+			zap.Int64("events", s.events), zap.Int64("bytes", s.bytes))
+	}
+	return s.reason == endMaxAge || s.reason == endShutdown || s.reason == endNotStarted
+}
+
+func remoteIP(r *http.Request) string {
+	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
+	if ip, ok := vars[caddyhttp.ClientIPVarKey].(string); ok {
+		return ip
+	}
+	return r.RemoteAddr
+}

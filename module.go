@@ -1,0 +1,318 @@
+// Package caddysse is a Caddy HTTP handler, `sse`, that makes Server-Sent
+// Events work behind any other handler (reverse_proxy, php_fastcgi, ...):
+// it detects text/event-stream responses, sends their headers at once,
+// flushes at every event boundary, keeps idle streams alive with comment
+// heartbeats and releases buffering middleboxes with a padding block.
+// Every other response passes through untouched.
+package caddysse
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(&Handler{})
+}
+
+// Defaults and limits of the configuration.
+const (
+	defaultHeartbeat        = 15 * time.Second
+	defaultHeartbeatComment = "heartbeat"
+	defaultPadding          = 2048
+	maxPadding              = 64 << 10
+	defaultWriteTimeout     = 30 * time.Second
+	defaultMaxEventSize     = 1 << 20
+	minMaxEventSize         = 1 << 10
+)
+
+// Handler is the `sse` HTTP handler. It wraps the response of the handlers
+// after it in the route; only a 2xx response whose media type is
+// text/event-stream is treated as an event stream, everything else passes
+// through byte for byte.
+type Handler struct {
+	// Heartbeat is how long a stream may stay idle (nothing written to the
+	// client) before a comment line is written to keep proxies and load
+	// balancers from closing it. Heartbeats are only written between
+	// events. Default: 15s. 0 disables heartbeats; otherwise at least 1s.
+	Heartbeat *caddy.Duration `json:"heartbeat,omitempty"`
+
+	// HeartbeatComment is the text of the heartbeat comment line
+	// (written as ": <text>" followed by a blank line). Default: "heartbeat".
+	HeartbeatComment string `json:"heartbeat_comment,omitempty"`
+
+	// Padding is the size in bytes of one comment block written as the very
+	// first bytes of every stream, so that buffering middleboxes, antivirus
+	// proxies and old polyfills release the stream at once. Default: 2048.
+	// 0 disables padding; otherwise from 2 to 65536.
+	Padding *int `json:"padding,omitempty"`
+
+	// Retry, when set, is sent to clients as a `retry:` field right after
+	// the padding and again when the plugin ends a stream (max_age, config
+	// reload), so that EventSource reconnects after that delay. Default: off.
+	Retry caddy.Duration `json:"retry,omitempty"`
+
+	// MaxAge, when set, ends each stream after that long, jittered over
+	// 80-100% of it, at an event boundary and after the retry hint, so that
+	// long-lived connections spread over a cluster's nodes and reconnects do
+	// not line up. Default: off.
+	MaxAge caddy.Duration `json:"max_age,omitempty"`
+
+	// WriteTimeout bounds each single write to a client. The server's own
+	// write timeout is lifted for streams (they never end), so this is what
+	// drops a client that stopped reading. Default: 30s.
+	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
+
+	// MaxEventSize bounds the bytes of one unfinished event held while
+	// waiting for its end. Past it, what is held is forwarded and the rest
+	// of that event streams through unbuffered (logged once per stream).
+	// Default: 1 MiB; at least 1 KiB.
+	MaxEventSize int `json:"max_event_size,omitempty"`
+
+	heartbeatEvery time.Duration
+	heartbeatBytes []byte // ": <comment>\n\n"
+	prelude        []byte // padding block and retry field, written first
+	retryHint      []byte // "retry: N\n\n", or nil
+	logger         *zap.Logger
+	streams        *streamSet
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.sse",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets defaults and builds the bytes the handler writes.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	h.streams = new(streamSet)
+	h.heartbeatEvery = defaultHeartbeat
+	if h.Heartbeat != nil {
+		h.heartbeatEvery = time.Duration(*h.Heartbeat)
+	}
+	if h.HeartbeatComment == "" {
+		h.HeartbeatComment = defaultHeartbeatComment
+	}
+	if h.WriteTimeout == 0 {
+		h.WriteTimeout = caddy.Duration(defaultWriteTimeout)
+	}
+	if h.MaxEventSize == 0 {
+		h.MaxEventSize = defaultMaxEventSize
+	}
+	h.heartbeatBytes = []byte(": " + h.HeartbeatComment + "\n\n")
+	if h.Retry > 0 {
+		h.retryHint = retryField(time.Duration(h.Retry))
+	}
+	h.prelude = append(paddingBlock(h.padding()), h.retryHint...)
+	return nil
+}
+
+// Validate rejects configurations that cannot work, naming the field.
+func (h *Handler) Validate() error {
+	if h.Heartbeat != nil && *h.Heartbeat != 0 && time.Duration(*h.Heartbeat) < time.Second {
+		return fmt.Errorf("heartbeat: %s is below 1s (use 0 or off to disable)", time.Duration(*h.Heartbeat))
+	}
+	if strings.ContainsAny(h.HeartbeatComment, "\r\n") {
+		return errors.New("heartbeat_comment: must be a single line")
+	}
+	if p := h.padding(); p < 0 || p == 1 || p > maxPadding {
+		return fmt.Errorf("padding: %d bytes is out of range (0 to disable, or 2 to %d)", p, maxPadding)
+	}
+	if h.Retry < 0 {
+		return fmt.Errorf("retry: %s is negative", time.Duration(h.Retry))
+	}
+	if h.MaxAge < 0 || (h.MaxAge > 0 && time.Duration(h.MaxAge) < time.Second) {
+		return fmt.Errorf("max_age: %s is out of range (0 to disable, or at least 1s)", time.Duration(h.MaxAge))
+	}
+	if h.WriteTimeout < 0 {
+		return fmt.Errorf("write_timeout: %s is negative", time.Duration(h.WriteTimeout))
+	}
+	if h.MaxEventSize < 0 || (h.MaxEventSize > 0 && h.MaxEventSize < minMaxEventSize) {
+		return fmt.Errorf("max_event_size: %d bytes is below the minimum of %d", h.MaxEventSize, minMaxEventSize)
+	}
+	return nil
+}
+
+// Cleanup ends the streams this handler still serves: Caddy unloads a
+// config only after its servers shut down, so this is the last resort when
+// a grace period ran out; streams usually end earlier, when the server
+// begins to shut down (see streamSet.watch).
+func (h *Handler) Cleanup() error {
+	if h.streams == nil {
+		return nil // never provisioned
+	}
+	h.streams.endAll()
+	return nil
+}
+
+func (h *Handler) padding() int {
+	if h.Padding == nil {
+		return defaultPadding
+	}
+	return *h.Padding
+}
+
+// ServeHTTP passes the request on and turns an event-stream response into
+// a stream that is flushed per event; any other response is untouched.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) (err error) {
+	if acceptsEventStream(r.Header) {
+		// The backend must send a plain stream we can read; compressing it
+		// is this handler's job.
+		r.Header.Del("Accept-Encoding")
+	}
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(nil)
+	rw := &responseWriter{
+		ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
+		h:                     h,
+		req:                   r,
+		cancel:                cancel,
+	}
+	defer func() {
+		if rw.stream == nil {
+			return
+		}
+		// Deferred: reverse_proxy ends a broken stream with
+		// panic(http.ErrAbortHandler), and the stream must still be finished.
+		endedByPlugin := rw.stream.finish()
+		rec := recover()
+		switch {
+		case rec == nil:
+			if endedByPlugin && errors.Is(err, context.Canceled) {
+				err = nil // the handler behind us only saw its context end
+			}
+		case endedByPlugin && rec == http.ErrAbortHandler:
+			err = nil // we ended the stream: end the response cleanly, not aborted
+		default:
+			panic(rec)
+		}
+	}()
+	return next.ServeHTTP(rw, r.WithContext(ctx))
+}
+
+// acceptsEventStream reports whether the Accept header names
+// text/event-stream, as EventSource sends it.
+func acceptsEventStream(hdr http.Header) bool {
+	for _, v := range hdr.Values("Accept") {
+		for part := range strings.SplitSeq(v, ",") {
+			if isEventStreamType(part) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// isEventStreamType reports whether a media type, with optional
+// parameters, is text/event-stream, case-insensitively.
+func isEventStreamType(mediaType string) bool {
+	if i := strings.IndexByte(mediaType, ';'); i >= 0 {
+		mediaType = mediaType[:i]
+	}
+	return strings.EqualFold(strings.TrimSpace(mediaType), "text/event-stream")
+}
+
+// retryField is a retry field in its own block, in milliseconds.
+func retryField(d time.Duration) []byte {
+	return []byte("retry: " + strconv.FormatInt(d.Milliseconds(), 10) + "\n\n")
+}
+
+// paddingBlock is one comment line of exactly n bytes (n is 0 or >= 2).
+func paddingBlock(n int) []byte {
+	if n <= 0 {
+		return nil
+	}
+	b := make([]byte, n)
+	b[0] = ':'
+	for i := 1; i < n-1; i++ {
+		b[i] = ' '
+	}
+	b[n-1] = '\n'
+	return b
+}
+
+// streamSet is the set of live streams of one handler, so they can be
+// ended when the server shuts down or the config is unloaded.
+type streamSet struct {
+	mu      sync.Mutex
+	streams map[*stream]struct{}
+	servers map[*http.Server]struct{} // servers whose shutdown we watch
+	ending  bool
+}
+
+// add registers s and, once per server, asks the server to tell us when it
+// begins to shut down: Caddy's default grace period is eternal, so without
+// this a config reload would wait for never-ending streams forever.
+func (ss *streamSet) add(s *stream, srv *http.Server) (ok bool) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.ending {
+		return false
+	}
+	if ss.streams == nil {
+		ss.streams = make(map[*stream]struct{})
+		ss.servers = make(map[*http.Server]struct{})
+	}
+	ss.streams[s] = struct{}{}
+	if _, seen := ss.servers[srv]; srv != nil && !seen {
+		ss.servers[srv] = struct{}{}
+		srv.RegisterOnShutdown(func() { ss.endServer(srv) })
+	}
+	return true
+}
+
+func (ss *streamSet) remove(s *stream) {
+	ss.mu.Lock()
+	delete(ss.streams, s)
+	ss.mu.Unlock()
+}
+
+// endServer ends the streams served by srv.
+func (ss *streamSet) endServer(srv *http.Server) {
+	for _, s := range ss.snapshot(srv, false) {
+		s.end(endShutdown)
+	}
+}
+
+// endAll ends every stream and refuses new ones.
+func (ss *streamSet) endAll() {
+	for _, s := range ss.snapshot(nil, true) {
+		s.end(endShutdown)
+	}
+}
+
+func (ss *streamSet) snapshot(srv *http.Server, stop bool) []*stream {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if stop {
+		ss.ending = true
+	}
+	var list []*stream
+	for s := range ss.streams {
+		if srv == nil || s.server == srv {
+			list = append(list, s)
+		}
+	}
+	return list
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)
