@@ -171,17 +171,31 @@ func (c *clientConn) arm(now time.Time) error {
 	return err
 }
 
-// writeFlush writes p and flushes it (and the header) to the client.
-func (c *clientConn) writeFlush(now time.Time, p []byte) error {
+// write writes p to the client without flushing it, so that a backlog of
+// events can go out with one flush.
+func (c *clientConn) write(now time.Time, p []byte) error {
 	if err := c.arm(now); err != nil {
 		return err
 	}
+	_, err := c.w.Write(p)
+	return err
+}
+
+// flush pushes everything written (and the header) to the client.
+func (c *clientConn) flush() error {
+	return c.rc.Flush()
+}
+
+// writeFlush writes p (if any) and flushes.
+func (c *clientConn) writeFlush(now time.Time, p []byte) error {
 	if len(p) > 0 {
-		if _, err := c.w.Write(p); err != nil {
+		if err := c.write(now, p); err != nil {
 			return err
 		}
+	} else if err := c.arm(now); err != nil {
+		return err
 	}
-	return c.rc.Flush()
+	return c.flush()
 }
 
 // Why a stream ended, for logs and for the bytes written at the end.
