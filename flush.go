@@ -215,7 +215,6 @@ const (
 // heartbeat and the end of the stream take the same lock).
 type stream struct {
 	h       *Handler
-	server  *http.Server
 	cancel  context.CancelCauseFunc
 	logger  *zap.Logger
 	started time.Time
@@ -242,7 +241,6 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	s := &stream{
 		h:       h,
-		server:  srv,
 		cancel:  cancel,
 		logger:  h.logger.With(zap.String("path", r.URL.Path), zap.String("remote_ip", remoteIP(r))),
 		started: time.Now(),

@@ -244,11 +244,17 @@ func paddingBlock(n int) []byte {
 	return b
 }
 
-// streamSet is the set of live streams of one handler, so they can be
-// ended when the server shuts down or the config is unloaded.
+// endable is a live client stream the plugin can end: a pass-through
+// stream or a fan-out subscriber.
+type endable interface {
+	end(endReason)
+}
+
+// streamSet is the set of live client streams of one handler, so they can
+// be ended when their server shuts down or the config is unloaded.
 type streamSet struct {
 	mu      sync.Mutex
-	streams map[*stream]struct{}
+	streams map[endable]*http.Server  // each stream and the server it is served by
 	servers map[*http.Server]struct{} // servers whose shutdown we watch
 	ending  bool
 }
@@ -256,17 +262,17 @@ type streamSet struct {
 // add registers s and, once per server, asks the server to tell us when it
 // begins to shut down: Caddy's default grace period is eternal, so without
 // this a config reload would wait for never-ending streams forever.
-func (ss *streamSet) add(s *stream, srv *http.Server) (ok bool) {
+func (ss *streamSet) add(s endable, srv *http.Server) (ok bool) {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if ss.ending {
 		return false
 	}
 	if ss.streams == nil {
-		ss.streams = make(map[*stream]struct{})
+		ss.streams = make(map[endable]*http.Server)
 		ss.servers = make(map[*http.Server]struct{})
 	}
-	ss.streams[s] = struct{}{}
+	ss.streams[s] = srv
 	if _, seen := ss.servers[srv]; srv != nil && !seen {
 		ss.servers[srv] = struct{}{}
 		srv.RegisterOnShutdown(func() { ss.endServer(srv) })
@@ -274,7 +280,7 @@ func (ss *streamSet) add(s *stream, srv *http.Server) (ok bool) {
 	return true
 }
 
-func (ss *streamSet) remove(s *stream) {
+func (ss *streamSet) remove(s endable) {
 	ss.mu.Lock()
 	delete(ss.streams, s)
 	ss.mu.Unlock()
@@ -294,15 +300,15 @@ func (ss *streamSet) endAll() {
 	}
 }
 
-func (ss *streamSet) snapshot(srv *http.Server, stop bool) []*stream {
+func (ss *streamSet) snapshot(srv *http.Server, stop bool) []endable {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if stop {
 		ss.ending = true
 	}
-	var list []*stream
-	for s := range ss.streams {
-		if srv == nil || s.server == srv {
+	var list []endable
+	for s, server := range ss.streams {
+		if srv == nil || server == srv {
 			list = append(list, s)
 		}
 	}
