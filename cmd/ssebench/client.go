@@ -271,9 +271,10 @@ func (g *loadGen) closeAll(d time.Duration) {
 }
 
 type responseHead struct {
-	status   int
-	chunked  bool
-	encoding string
+	status      int
+	chunked     bool
+	encoding    string
+	contentType string
 }
 
 // readResponseHead parses an HTTP/1.1 status line and the header fields
@@ -310,6 +311,8 @@ func readResponseHead(br *bufio.Reader) (responseHead, error) {
 			h.chunked = bytes.Contains(bytes.ToLower(val), []byte("chunked"))
 		case bytes.EqualFold(name, []byte("Content-Encoding")):
 			h.encoding = string(bytes.ToLower(val))
+		case bytes.EqualFold(name, []byte("Content-Type")):
+			h.contentType = string(val)
 		}
 	}
 }

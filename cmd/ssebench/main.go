@@ -139,6 +139,7 @@ func mainErr() (err error) {
 	flag.StringVar(&cfg.name, "name", "", "base name of the -out files (default: stream, idle or burst)")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temp dir with configs and binaries")
 	flag.BoolVar(&cfg.verbose, "v", false, "log progress details")
+	emitOnly := flag.Bool("emit-only", false, "only run the emitter (at -rate, -burst, -size) until interrupted or -timeout, and print its address: for debugging a proxy by hand")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", flag.Args())
@@ -206,6 +207,20 @@ func mainErr() (err error) {
 	if err != nil {
 		logf("could not raise RLIMIT_NOFILE (%d): %v", nofile, err)
 	}
+	if *emitOnly {
+		em, err := startEmitter()
+		if err != nil {
+			return err
+		}
+		defer em.close()
+		stop := make(chan struct{})
+		defer close(stop)
+		goSafe(func() { em.run(stop, emitInterval(cfg), max(cfg.burst, 1), cfg.size) })
+		fmt.Printf("emitter on http://%s/ (any path); stop with ^C\n", em.addr)
+		<-ctx.Done()
+		return nil
+	}
+
 	tmp, err := os.MkdirTemp("", "ssebench-")
 	if err != nil {
 		return err
@@ -242,14 +257,7 @@ func mainErr() (err error) {
 	defer em.close()
 	stopEmit := make(chan struct{})
 	defer close(stopEmit)
-	interval, perTick := time.Duration(0), 1
-	if !cfg.idle {
-		interval = time.Duration(float64(time.Second) / cfg.rate)
-	}
-	if cfg.burst > 0 {
-		perTick = cfg.burst
-	}
-	goSafe(func() { em.run(stopEmit, interval, perTick, cfg.size) })
+	goSafe(func() { em.run(stopEmit, emitInterval(cfg), max(cfg.burst, 1), cfg.size) })
 
 	env := describeMachine(cfg)
 	fmt.Println(env)
@@ -340,6 +348,14 @@ func medianRun(rs []result, idle bool) result {
 	m := sorted[(len(sorted)-1)/2]
 	m.Runs = len(rs)
 	return m
+}
+
+// emitInterval is the time between the emitter's frames; 0 when idle.
+func emitInterval(cfg config) time.Duration {
+	if cfg.idle {
+		return 0
+	}
+	return time.Duration(float64(time.Second) / cfg.rate)
 }
 
 func mode(cfg config) string {
@@ -459,7 +475,12 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 				return res, err
 			}
 		}
-		p, err = launchProxy(kind, cfg.caddyBin, cfg.nginxBin, dir, proxySpec{kind: kind, listen: listen, upstream: em.addr, sseOpts: cfg.sseOpts}, cfg.startTO)
+		// Wait for one event (not in idle mode): two intervals and then some.
+		probeTO := 10 * time.Second
+		if iv := emitInterval(cfg); iv > 0 {
+			probeTO += 2 * iv
+		}
+		p, err = launchProxy(kind, cfg.caddyBin, cfg.nginxBin, dir, proxySpec{kind: kind, listen: listen, upstream: em.addr, sseOpts: cfg.sseOpts}, cfg.startTO, probeTO, !cfg.idle)
 		if err == nil {
 			break
 		}

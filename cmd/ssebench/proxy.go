@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http/httputil"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -222,9 +224,10 @@ func (p *proc) waitReady(addr string, within time.Duration) error {
 }
 
 // probeSSE makes one SSE request to addr and checks for a 200 with
-// Content-Type text/event-stream, then closes it: proves the chain works
-// end to end before loading it (and warms up lazily built state).
-func probeSSE(addr, path string, within time.Duration) error {
+// Content-Type text/event-stream and, when wantEvent, for one event of the
+// emitter's; then closes it. This proves the chain works end to end before
+// loading it (and warms up lazily built state).
+func probeSSE(addr, path string, within time.Duration, wantEvent bool) error {
 	c, err := net.DialTimeout("tcp", addr, within)
 	if err != nil {
 		return err
@@ -233,31 +236,36 @@ func probeSSE(addr, path string, within time.Duration) error {
 	c.SetDeadline(time.Now().Add(within))
 	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, addr)
 	br := bufio.NewReader(c)
-	line, err := br.ReadString('\n')
+	h, err := readResponseHead(br)
 	if err != nil {
 		return fmt.Errorf("no response head within %s: %w", within, err)
 	}
-	if !strings.Contains(line, " 200") {
-		return fmt.Errorf("status line %q", strings.TrimSpace(line))
+	if h.status != 200 {
+		return fmt.Errorf("status %d", h.status)
 	}
-	ct := ""
+	if !strings.HasPrefix(h.contentType, "text/event-stream") {
+		return fmt.Errorf("Content-Type %q, want text/event-stream", h.contentType)
+	}
+	if !wantEvent {
+		return nil
+	}
+	var body io.Reader = br
+	if h.chunked {
+		body = httputil.NewChunkedReader(br)
+	}
+	lines := bufio.NewReader(body)
 	for {
-		l, err := br.ReadString('\n')
+		line, err := lines.ReadSlice('\n')
+		if err == bufio.ErrBufferFull {
+			continue
+		}
 		if err != nil {
-			return fmt.Errorf("reading response head: %w", err)
+			return fmt.Errorf("no event within %s: stream ended: %w", within, err)
 		}
-		l = strings.TrimSpace(l)
-		if l == "" {
-			break
-		}
-		if k, v, ok := strings.Cut(l, ":"); ok && strings.EqualFold(k, "Content-Type") {
-			ct = strings.TrimSpace(v)
+		if _, _, ok := parseDataLine(line); ok {
+			return nil
 		}
 	}
-	if !strings.HasPrefix(ct, "text/event-stream") {
-		return fmt.Errorf("Content-Type %q, want text/event-stream", ct)
-	}
-	return nil
 }
 
 // freePort returns a loopback address with a port that was free a moment ago.
@@ -273,7 +281,7 @@ func freePort() (string, error) {
 // launchProxy writes the configuration of kind into dir and starts it,
 // returning once it serves SSE. For "direct" it returns no process and the
 // emitter's address.
-func launchProxy(kind, caddyBin, nginxBin, dir string, spec proxySpec, startTO time.Duration) (*proc, error) {
+func launchProxy(kind, caddyBin, nginxBin, dir string, spec proxySpec, startTO, probeTO time.Duration, wantEvent bool) (*proc, error) {
 	if kind == "direct" {
 		return nil, nil
 	}
@@ -313,9 +321,9 @@ func launchProxy(kind, caddyBin, nginxBin, dir string, spec proxySpec, startTO t
 		p.stop(time.Second)
 		return nil, err
 	}
-	if err := probeSSE(spec.listen, "/events", 10*time.Second); err != nil {
+	if err := probeSSE(spec.listen, "/events", probeTO, wantEvent); err != nil {
 		p.stop(time.Second)
-		return nil, fmt.Errorf("%s listens on %s but does not serve SSE: %v; its output ends with:\n%s", kind, spec.listen, err, p.out.indented())
+		return nil, fmt.Errorf("%s listens on %s but does not serve the emitter's SSE: %v; its output ends with:\n%s", kind, spec.listen, err, p.out.indented())
 	}
 	return p, nil
 }
