@@ -7,6 +7,10 @@ import (
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	// The demo's deliberately bad SSE backend (demo/Caddyfile); not part of
+	// the plugin, only of this local build.
+	_ "github.com/seed-b7710c89/caddy-sse/demo/legacybackend"
 )
 
 func main() {
