@@ -3,6 +3,7 @@ package caddysse
 import (
 	"fmt"
 	"math"
+	"strconv"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -35,6 +36,19 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		max_age        <duration>|off
 //		write_timeout  <duration>
 //		max_event_size <size>
+//		compress       <encoding>...|off   (zstd, gzip; default: zstd gzip)
+//		fanout {
+//			key               <template>
+//			buffer            <events> <size> <age>   (any of them, any order)
+//			linger            <duration>|off
+//			ids               auto|upstream|synthesize
+//			replay_on_connect <events>
+//			on_unknown_id     reset|backend
+//			reset_event       <event type>
+//			client_queue      <events>
+//			max_clients       <clients>
+//			max_clients_total <clients>
+//		}
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
@@ -70,6 +84,19 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.WriteTimeout, err = singleDurationOrOff(d)
 		case "max_event_size":
 			h.MaxEventSize, err = parseSizeOrOff(d, math.MaxInt32)
+		case "compress":
+			if h.Compress = d.RemainingArgs(); len(h.Compress) == 0 {
+				return d.ArgErr()
+			}
+			if _, cerr := compressionPrefs(h.Compress); cerr != nil {
+				return d.Err(cerr.Error()) // names the option already
+			}
+		case "fanout":
+			h.Fanout = new(Fanout)
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			err = h.Fanout.unmarshalCaddyfile(d)
 		default:
 			return d.Errf("unrecognized sse option '%s'", opt)
 		}
@@ -129,3 +156,96 @@ func parseSizeOrOff(d *caddyfile.Dispenser, max uint64) (int, error) {
 
 // Interface guard
 var _ caddyfile.Unmarshaler = (*Handler)(nil)
+
+func (f *Fanout) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		args := d.RemainingArgs()
+		one := func() (string, error) {
+			if len(args) != 1 {
+				return "", d.ArgErr()
+			}
+			return args[0], nil
+		}
+		var err error
+		var val string
+		switch opt {
+		case "key":
+			f.Key, err = one()
+		case "buffer":
+			if len(args) == 0 || len(args) > 3 {
+				return d.ArgErr()
+			}
+			for _, a := range args {
+				if err = f.parseBufferBound(a); err != nil {
+					break
+				}
+			}
+		case "linger":
+			if val, err = one(); err == nil {
+				var dur caddy.Duration
+				if dur, err = parseDurationOrOff(val); err == nil {
+					f.Linger = &dur
+				}
+			}
+		case "ids":
+			f.IDs, err = one()
+		case "on_unknown_id":
+			f.OnUnknownID, err = one()
+		case "reset_event":
+			f.ResetEvent, err = one()
+		case "replay_on_connect":
+			f.ReplayOnConnect, err = oneInt(one)
+		case "client_queue":
+			f.ClientQueue, err = oneInt(one)
+		case "max_clients":
+			f.MaxClients, err = oneInt(one)
+		case "max_clients_total":
+			f.MaxClientsTotal, err = oneInt(one)
+		default:
+			return d.Errf("unrecognized fanout option '%s'", opt)
+		}
+		if err != nil {
+			return d.Errf("fanout: %s: %v", opt, err)
+		}
+	}
+	return f.validate()
+}
+
+// parseBufferBound reads one bound of the replay cache: a plain number is
+// a count of events, a duration (10m) an age, a size with a unit (8MiB) a
+// byte size.
+func (f *Fanout) parseBufferBound(a string) error {
+	if n, err := strconv.Atoi(a); err == nil {
+		if n < 0 {
+			return fmt.Errorf("negative event count %d", n)
+		}
+		f.BufferEvents = n
+		return nil
+	}
+	if dur, err := caddy.ParseDuration(a); err == nil {
+		if dur < 0 {
+			return fmt.Errorf("negative age %s", a)
+		}
+		f.BufferAge = caddy.Duration(dur)
+		return nil
+	}
+	size, err := humanize.ParseBytes(a)
+	if err != nil || size > math.MaxInt32 {
+		return fmt.Errorf("%q is neither an event count (1000), a size (8MiB) nor an age (10m)", a)
+	}
+	f.BufferBytes = int(size)
+	return nil
+}
+
+func oneInt(one func() (string, error)) (int, error) {
+	val, err := one()
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(val)
+	if err == nil && n < 0 {
+		err = fmt.Errorf("negative number %d", n)
+	}
+	return n, err
+}

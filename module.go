@@ -76,8 +76,20 @@ type Handler struct {
 	// MaxEventSize bounds the bytes of one unfinished event held while
 	// waiting for its end. Past it, what is held is forwarded and the rest
 	// of that event streams through unbuffered (logged once per stream).
-	// Default: 1 MiB; at least 1 KiB.
+	// Default: 1 MiB; at least 1 KiB. In fan-out mode, larger events are
+	// dropped (logged), since only whole events can be cached and shared.
 	MaxEventSize int `json:"max_event_size,omitempty"`
+
+	// Fanout, when set, shares one upstream stream among all clients with
+	// the same key and answers Last-Event-ID from a replay cache.
+	Fanout *Fanout `json:"fanout,omitempty"`
+
+	// Compress lists the encodings the plugin may compress streams with,
+	// in preference order, chosen per client by its Accept-Encoding; the
+	// compressor is flushed at every event boundary and heartbeat, so each
+	// event decodes at once. Default: ["zstd", "gzip"]; ["off"] disables.
+	// See compress.go and docs/compression.md.
+	Compress []string `json:"compress,omitempty"`
 
 	heartbeatEvery time.Duration
 	heartbeatBytes []byte // ": <comment>\n\n"
@@ -85,6 +97,9 @@ type Handler struct {
 	retryHint      []byte // "retry: N\n\n", or nil
 	logger         *zap.Logger
 	streams        *streamSet
+	metrics        *sseMetrics // nil without a metrics registry (metrics.go)
+	keySecret      []byte      // keys hashKey (admin.go)
+	comp           compression // compress.go
 }
 
 // CaddyModule returns the Caddy module information.
@@ -99,6 +114,9 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
 	h.streams = new(streamSet)
+	if err := h.provisionObservability(ctx); err != nil { // metrics, admin listing
+		return err
+	}
 	h.heartbeatEvery = defaultHeartbeat
 	if h.Heartbeat != nil {
 		h.heartbeatEvery = time.Duration(*h.Heartbeat)
@@ -117,6 +135,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.retryHint = retryField(time.Duration(h.Retry))
 	}
 	h.prelude = append(paddingBlock(h.padding()), h.retryHint...)
+	if err := h.provisionCompression(); err != nil {
+		return err
+	}
+	if h.Fanout != nil {
+		h.Fanout.provision()
+	}
 	return nil
 }
 
@@ -143,6 +167,12 @@ func (h *Handler) Validate() error {
 	if h.MaxEventSize < 0 || (h.MaxEventSize > 0 && h.MaxEventSize < minMaxEventSize) {
 		return fmt.Errorf("max_event_size: %d bytes is below the minimum of %d", h.MaxEventSize, minMaxEventSize)
 	}
+	if _, err := compressionPrefs(h.Compress); err != nil {
+		return err
+	}
+	if h.Fanout != nil {
+		return h.Fanout.validate()
+	}
 	return nil
 }
 
@@ -151,10 +181,14 @@ func (h *Handler) Validate() error {
 // a grace period ran out; streams usually end earlier, when the server
 // begins to shut down (see streamSet.watch).
 func (h *Handler) Cleanup() error {
+	h.unlistHandler()
 	if h.streams == nil {
 		return nil // never provisioned
 	}
 	h.streams.endAll()
+	if h.Fanout != nil {
+		h.cleanupFanout()
+	}
 	return nil
 }
 
@@ -167,12 +201,22 @@ func (h *Handler) padding() int {
 
 // ServeHTTP passes the request on and turns an event-stream response into
 // a stream that is flushed per event; any other response is untouched.
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) (err error) {
-	if acceptsEventStream(r.Header) {
-		// The backend must send a plain stream we can read; compressing it
-		// is this handler's job.
-		r.Header.Del("Accept-Encoding")
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if !acceptsEventStream(r.Header) {
+		return h.servePassthrough(w, r, next)
 	}
+	// The backend must send a plain stream we can read; compressing it is
+	// this handler's job (compress.go), with the client's Accept-Encoding.
+	r = keepClientAcceptEncoding(r)
+	r.Header.Del("Accept-Encoding")
+	if h.Fanout != nil && r.Method == http.MethodGet {
+		return h.serveFanout(w, r, next)
+	}
+	return h.servePassthrough(w, r, next)
+}
+
+// servePassthrough serves one client from its own upstream response.
+func (h *Handler) servePassthrough(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) (err error) {
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(nil)
 	rw := &responseWriter{
@@ -180,6 +224,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h:                     h,
 		req:                   r,
 		cancel:                cancel,
+		acceptEncoding:        clientAcceptEncoding(r),
 	}
 	defer func() {
 		if rw.stream == nil {

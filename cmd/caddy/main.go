@@ -6,6 +6,8 @@ package main
 import (
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
+	_ "github.com/seed-b7710c89/caddy-sse"
+
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	// The demo's deliberately bad SSE backend (demo/Caddyfile); not part of

@@ -1,0 +1,926 @@
+package caddysse
+
+import (
+	"cmp"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// hubs holds the fan-out hubs and their replay caches. A UsagePool, so
+// that a config reload, whose new handlers ask for the same keys while the
+// old ones still hold them, keeps the caches: clients of the old config
+// reconnect to the new one and resume with nothing lost.
+var hubs = caddy.NewUsagePool()
+
+// Fan-out defaults.
+const (
+	defaultBufferEvents = 1000
+	defaultBufferBytes  = 8 << 20
+	defaultLinger       = 30 * time.Second
+	defaultClientQueue  = 256
+	defaultResetEvent   = "sse-reset"
+	maxBatch            = 256 // events written to a client before one flush
+	maxBackoff          = 30 * time.Second
+)
+
+// Fanout shares one upstream stream among all clients with the same key,
+// and answers Last-Event-ID reconnects from a replay cache, so that even a
+// backend that knows nothing of Last-Event-ID gets loss-free resume.
+type Fanout struct {
+	// Key decides which requests share one upstream stream; Caddy
+	// placeholders are expanded per request. By default the key is the
+	// host, path and query plus a hash of the Authorization and Cookie
+	// headers, so users with different credentials never share a stream.
+	// A key you set replaces all of that: everyone whose requests give the
+	// same key shares one stream, whatever their credentials.
+	Key string `json:"key,omitempty"`
+
+	// BufferEvents bounds the replay cache by count. Default: 1000.
+	BufferEvents int `json:"buffer_events,omitempty"`
+
+	// BufferBytes bounds the replay cache by size. Default: 8 MiB.
+	BufferBytes int `json:"buffer_bytes,omitempty"`
+
+	// BufferAge bounds the replay cache by age. Default: no age bound.
+	BufferAge caddy.Duration `json:"buffer_age,omitempty"`
+
+	// Linger keeps the upstream open this long after the last client left,
+	// so that reconnects and reloads find it (and its cache) still there.
+	// Default: 30s. 0 closes it at once.
+	Linger *caddy.Duration `json:"linger,omitempty"`
+
+	// IDs says which event ids clients see. "auto" (default): the
+	// backend's ids where it sends them, otherwise ids the plugin assigns,
+	// so that browsers send them back on reconnect. "upstream": only the
+	// backend's. "synthesize": always the plugin's own.
+	IDs string `json:"ids,omitempty"`
+
+	// ReplayOnConnect is how many cached events a new client (one without
+	// Last-Event-ID) is sent before the live stream. Default: 0.
+	ReplayOnConnect int `json:"replay_on_connect,omitempty"`
+
+	// OnUnknownID says what happens when a client's Last-Event-ID is not
+	// in the cache (unknown, or evicted). "reset" (default): the client
+	// joins the live stream and is first sent an event of type ResetEvent,
+	// whose data is the id it asked for, so that a page can refetch its
+	// state (EventSource cannot read response headers). "backend": the
+	// request goes to the backend by itself, with its Last-Event-ID, for
+	// backends that can resume. Never "resend everything".
+	OnUnknownID string `json:"on_unknown_id,omitempty"`
+
+	// ResetEvent is the event type of the reset event. Default: sse-reset.
+	ResetEvent string `json:"reset_event,omitempty"`
+
+	// ClientQueue is how many events a client may fall behind the live
+	// stream before it is disconnected (it reconnects and catches up from
+	// the cache), so one slow reader never holds back the others.
+	// Default: 256.
+	ClientQueue int `json:"client_queue,omitempty"`
+
+	// MaxClients limits the clients of one key; MaxClientsTotal those of
+	// this handler. Past a limit a client gets 503 with Retry-After.
+	// Default: 0, no limit.
+	MaxClients      int `json:"max_clients,omitempty"`
+	MaxClientsTotal int `json:"max_clients_total,omitempty"`
+
+	linger  time.Duration
+	clients atomic.Int64 // connected clients of this handler
+	mu      sync.Mutex
+	runs    map[*hub]struct{} // hubs this handler is a source of
+}
+
+func (f *Fanout) provision() {
+	if f.BufferEvents == 0 {
+		f.BufferEvents = defaultBufferEvents
+	}
+	if f.BufferBytes == 0 {
+		f.BufferBytes = defaultBufferBytes
+	}
+	f.linger = defaultLinger
+	if f.Linger != nil {
+		f.linger = time.Duration(*f.Linger)
+	}
+	if f.IDs == "" {
+		f.IDs = "auto"
+	}
+	if f.OnUnknownID == "" {
+		f.OnUnknownID = "reset"
+	}
+	if f.ResetEvent == "" {
+		f.ResetEvent = defaultResetEvent
+	}
+	if f.ClientQueue == 0 {
+		f.ClientQueue = defaultClientQueue
+	}
+	f.runs = make(map[*hub]struct{})
+}
+
+func (f *Fanout) validate() error {
+	switch {
+	case f.BufferEvents < 0:
+		return fmt.Errorf("fanout: buffer_events: %d is negative", f.BufferEvents)
+	case f.BufferBytes < 0:
+		return fmt.Errorf("fanout: buffer_bytes: %d is negative", f.BufferBytes)
+	case f.BufferAge < 0:
+		return fmt.Errorf("fanout: buffer_age: %s is negative", time.Duration(f.BufferAge))
+	case f.Linger != nil && *f.Linger < 0:
+		return fmt.Errorf("fanout: linger: %s is negative", time.Duration(*f.Linger))
+	case f.IDs != "" && f.IDs != "auto" && f.IDs != "upstream" && f.IDs != "synthesize":
+		return fmt.Errorf("fanout: ids: %q is not one of auto, upstream, synthesize", f.IDs)
+	case f.ReplayOnConnect < 0:
+		return fmt.Errorf("fanout: replay_on_connect: %d is negative", f.ReplayOnConnect)
+	case f.OnUnknownID != "" && f.OnUnknownID != "reset" && f.OnUnknownID != "backend":
+		return fmt.Errorf("fanout: on_unknown_id: %q is not one of reset, backend", f.OnUnknownID)
+	case f.ClientQueue < 0:
+		return fmt.Errorf("fanout: client_queue: %d is negative", f.ClientQueue)
+	case f.MaxClients < 0 || f.MaxClientsTotal < 0:
+		return errors.New("fanout: max_clients: negative")
+	}
+	return nil
+}
+
+// fanoutKey is the stream key of a request (see Fanout.Key).
+func (h *Handler) fanoutKey(r *http.Request) string {
+	if h.Fanout.Key != "" {
+		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+		if repl != nil {
+			return repl.ReplaceAll(h.Fanout.Key, "")
+		}
+		return h.Fanout.Key
+	}
+	sum := sha256.Sum256([]byte(r.Header.Get("Authorization") + "\x00" + r.Header.Get("Cookie")))
+	return r.Host + r.URL.RequestURI() + "\x00" + hex.EncodeToString(sum[:16])
+}
+
+// hubConfig is what a hub needs of its handler's configuration. Handlers
+// share a hub only when they agree on it (it is part of the pool key).
+type hubConfig struct {
+	limits       replayLimits
+	ids          string
+	maxEventSize int
+	heartbeat    time.Duration
+}
+
+func (h *Handler) hubConfig() hubConfig {
+	return hubConfig{
+		limits:       replayLimits{events: h.Fanout.BufferEvents, bytes: h.Fanout.BufferBytes, age: time.Duration(h.Fanout.BufferAge)},
+		ids:          h.Fanout.IDs,
+		maxEventSize: h.MaxEventSize,
+		heartbeat:    h.heartbeatEvery,
+	}
+}
+
+// hub is one shared upstream stream and its replay cache. Clients are
+// cursors into the cache: an event is stored once and its bytes are
+// written to every client from there.
+type hub struct {
+	poolKey string
+	keyHash string // for logs and the admin API: keys can hold credentials
+	cfg     hubConfig
+	logger  *zap.Logger
+	created time.Time
+
+	mu         sync.Mutex
+	buf        replayBuffer
+	seq        uint64        // last published event
+	wake       chan struct{} // closed and replaced when seq or beats change, or the hub ends
+	beats      uint64        // heartbeats due to idle clients
+	lastPub    time.Time
+	header     http.Header // the upstream's response header, once it streams
+	status     int
+	streamedAt time.Time // when the current upstream connection began streaming
+	failed     bool      // the upstream answered with something that is not a stream
+	clients    int
+	sources    map[*Handler]*source // handlers whose clients can run the upstream
+	up         *upstream            // the newest upstream connection loop
+	old        *upstream            // the one it replaces, until the new one streams
+	liveGen    uint64               // the upstream whose events are published
+	gens       uint64
+	backendIDs bool   // the backend sends ids: resume it with Last-Event-ID
+	lastBackID string // the last id the backend sent
+	retry      time.Duration
+	reconnects int
+	epoch      string // prefix of synthesized ids, new at every discontinuity
+	heartbeat  *time.Timer
+	destroyed  bool
+}
+
+// upstream is one loop that keeps the backend connected through one
+// handler's route.
+type upstream struct {
+	h      *Handler
+	gen    uint64
+	cancel context.CancelFunc
+	done   chan struct{}
+	orphan bool // its handler's config was unloaded: no reconnects
+}
+
+func (u *upstream) stop() {
+	if u == nil {
+		return
+	}
+	u.cancel()
+	select {
+	case <-u.done:
+	case <-time.After(5 * time.Second):
+	}
+}
+
+// source is how one handler reaches the backend: the rest of its route,
+// and a request to clone for each upstream connection.
+type source struct {
+	next  caddyhttp.Handler
+	tmpl  *http.Request
+	added time.Time
+}
+
+func newHub(poolKey, key string, cfg hubConfig, logger *zap.Logger) *hub {
+	sum := sha256.Sum256([]byte(key))
+	hb := &hub{
+		poolKey: poolKey,
+		keyHash: hex.EncodeToString(sum[:8]),
+		cfg:     cfg,
+		created: time.Now(),
+		buf:     newMemoryReplay(cfg.limits),
+		wake:    make(chan struct{}),
+		sources: make(map[*Handler]*source),
+		epoch:   newEpoch(),
+	}
+	hb.logger = logger.With(zap.String("stream", hb.keyHash))
+	return hb
+}
+
+// newEpoch makes synthesized ids unique across restarts: the time in base
+// 36 and a little randomness.
+func newEpoch() string {
+	return strconv.FormatInt(time.Now().UnixMilli(), 36) + strconv.FormatUint(uint64(rand.Uint32()%1296), 36)
+}
+
+// Destruct runs when the last reference to the hub is gone (no client for
+// longer than linger, and no handler holding it): it stops the upstream.
+func (hb *hub) Destruct() error {
+	hb.mu.Lock()
+	hb.destroyed = true
+	up, old := hb.up, hb.old
+	hb.up, hb.old = nil, nil
+	for h := range hb.sources {
+		h.Fanout.mu.Lock()
+		delete(h.Fanout.runs, hb)
+		h.Fanout.mu.Unlock()
+	}
+	if hb.heartbeat != nil {
+		hb.heartbeat.Stop()
+	}
+	hb.broadcastLocked()
+	hb.mu.Unlock()
+	up.stop()
+	old.stop()
+	return nil
+}
+
+func (hb *hub) broadcastLocked() {
+	close(hb.wake)
+	hb.wake = make(chan struct{})
+}
+
+// subscriber is one client of a hub.
+type subscriber struct {
+	endOnce sync.Once
+	ended   chan struct{}
+	reason  endReason
+}
+
+func (s *subscriber) end(reason endReason) {
+	s.endOnce.Do(func() {
+		s.reason = reason
+		close(s.ended)
+	})
+}
+
+// errTooManyClients answers a client past a max_clients limit.
+var errTooManyClients = errors.New("sse: too many clients for this stream")
+
+// serveFanout serves one client from the hub of its key.
+func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	f := h.Fanout
+	if n := f.clients.Add(1); f.MaxClientsTotal > 0 && n > int64(f.MaxClientsTotal) {
+		f.clients.Add(-1)
+		return h.refuse(w, "max_clients_total")
+	}
+	defer f.clients.Add(-1)
+
+	key := h.fanoutKey(r)
+	cfg := h.hubConfig()
+	poolKey := fmt.Sprintf("%v\x00%s", cfg, key)
+	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
+		return newHub(poolKey, key, cfg, h.logger), nil
+	})
+	if err != nil {
+		return err
+	}
+	hb := v.(*hub)
+	defer h.release(hb)
+
+	if !hb.join(h, r, next) {
+		return h.refuse(w, "max_clients")
+	}
+	joined := true
+	leave := func() {
+		if joined {
+			joined = false
+			hb.leave()
+		}
+	}
+	defer leave()
+
+	header, status, ok := hb.waitStream(r.Context())
+	if !ok {
+		if r.Context().Err() != nil {
+			return nil // the client left while the upstream connected
+		}
+		// The backend did not answer with a stream: let this client's own
+		// request get the backend's answer.
+		leave()
+		return h.servePassthrough(w, r, next)
+	}
+	lastID := r.Header.Get("Last-Event-ID")
+	cursor, reset, found := hb.position(lastID, f.ReplayOnConnect)
+	if lastID != "" && !found && f.OnUnknownID == "backend" {
+		leave()
+		return h.servePassthrough(w, r, next)
+	}
+
+	copyStreamHeader(w.Header(), header)
+	prepareStreamHeader(w.Header(), r.ProtoMajor)
+	sub := &subscriber{ended: make(chan struct{})}
+	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
+	if !h.streams.add(sub, srv) {
+		return caddyhttp.Error(http.StatusServiceUnavailable, errStreamEnded) // shutting down
+	}
+	defer h.streams.remove(sub)
+
+	out := newClientConn(w, time.Duration(h.WriteTimeout))
+	w.WriteHeader(status)
+	first := h.prelude
+	if reset {
+		first = append(append([]byte(nil), first...), resetEvent(f.ResetEvent, lastID)...)
+		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")
+	}
+	if err := out.writeFlush(time.Now(), first); err != nil {
+		return nil
+	}
+	c := fanoutClient{hub: hb, out: out, cursor: cursor, queue: uint64(f.ClientQueue), sub: sub, h: h}
+	return c.run(r.Context())
+}
+
+// refuse answers a client past a limit: 503 with Retry-After.
+func (h *Handler) refuse(w http.ResponseWriter, limit string) error {
+	h.logger.Warn("refusing a client: fan-out limit reached", zap.String("limit", limit))
+	retry := max(time.Duration(h.Retry), time.Second)
+	w.Header().Set("Retry-After", strconv.Itoa(int((retry+time.Second-1)/time.Second)))
+	return caddyhttp.Error(http.StatusServiceUnavailable, errTooManyClients)
+}
+
+// release drops this client's reference to the hub after linger, so that
+// the hub, its upstream and its cache outlive a reconnect or a reload.
+func (h *Handler) release(hb *hub) {
+	if h.Fanout.linger <= 0 {
+		hubs.Delete(hb.poolKey)
+		return
+	}
+	time.AfterFunc(h.Fanout.linger, func() { hubs.Delete(hb.poolKey) })
+}
+
+// resetEvent tells a page that the events after lastID are lost.
+func resetEvent(typ, lastID string) []byte {
+	return []byte("event: " + typ + "\ndata: " + lastID + "\n\n")
+}
+
+// hopHeaders are not copied from the upstream's response to clients.
+var hopHeaders = []string{"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Te", "Trailer", "Transfer-Encoding", "Upgrade", "Content-Length", "Set-Cookie"}
+
+func copyStreamHeader(dst, src http.Header) {
+	for k, v := range src {
+		dst[k] = append([]string(nil), v...)
+	}
+	for _, k := range hopHeaders {
+		dst.Del(k)
+	}
+}
+
+// join adds a client of handler h and makes sure the upstream runs.
+func (hb *hub) join(h *Handler, r *http.Request, next caddyhttp.Handler) bool {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if h.Fanout.MaxClients > 0 && hb.clients >= h.Fanout.MaxClients {
+		return false
+	}
+	hb.clients++
+	if _, ok := hb.sources[h]; !ok {
+		tmpl := r.Clone(context.WithoutCancel(r.Context()))
+		tmpl.Body = http.NoBody
+		tmpl.Header.Del("Last-Event-ID")
+		hb.sources[h] = &source{next: next, tmpl: tmpl, added: time.Now()}
+		h.Fanout.mu.Lock()
+		h.Fanout.runs[hb] = struct{}{}
+		h.Fanout.mu.Unlock()
+	}
+	if hb.failed && hb.up == nil {
+		hb.failed = false // a new client asks again
+	}
+	// No upstream, or one whose config was unloaded: run it through this
+	// handler's route (the old one hands over once the new one streams).
+	if (hb.up == nil || hb.up.orphan) && !hb.destroyed {
+		hb.startUpstreamLocked()
+	}
+	return true
+}
+
+func (hb *hub) leave() {
+	hb.mu.Lock()
+	hb.clients--
+	hb.mu.Unlock()
+}
+
+// waitStream waits until the upstream streams (its header and status) or
+// fails before ever streaming.
+func (hb *hub) waitStream(ctx context.Context) (http.Header, int, bool) {
+	for {
+		hb.mu.Lock()
+		header, status, failed, wake := hb.header, hb.status, hb.failed || hb.destroyed, hb.wake
+		hb.mu.Unlock()
+		switch {
+		case header != nil:
+			return header, status, true
+		case failed:
+			return nil, 0, false
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return nil, 0, false
+		}
+	}
+}
+
+// position is where a new client starts reading: after its Last-Event-ID
+// if the cache has it, otherwise at the live end (reset is true when an id
+// was asked for and not found), minus replayOnConnect for a client that
+// asked for none. Taken under the hub's lock, so nothing is missed or sent
+// twice between the replay and the live stream.
+func (hb *hub) position(lastID string, replayOnConnect int) (cursor uint64, reset, found bool) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if lastID != "" {
+		if seq, ok := hb.buf.find(lastID); ok {
+			return seq, false, true
+		}
+		return hb.seq, true, false
+	}
+	held, _ := hb.buf.stats()
+	back := uint64(min(replayOnConnect, held))
+	return hb.seq - back, false, false
+}
+
+// fanoutClient is the delivery loop of one client, run on the client's
+// own request goroutine: no goroutine, timer or queue of its own.
+type fanoutClient struct {
+	hub    *hub
+	h      *Handler
+	out    clientConn
+	sub    *subscriber
+	cursor uint64
+	queue  uint64
+}
+
+func (c *fanoutClient) run(ctx context.Context) error {
+	var (
+		batch   []*event
+		beats   uint64
+		prevLag = ^uint64(0)
+		maxAge  <-chan time.Time
+	)
+	if c.h.MaxAge > 0 {
+		t := time.NewTimer(time.Duration(float64(c.h.MaxAge) * (0.8 + 0.2*rand.Float64())))
+		defer t.Stop()
+		maxAge = t.C
+	}
+	hb := c.hub
+	hb.mu.Lock()
+	beats = hb.beats
+	hb.mu.Unlock()
+	for {
+		hb.mu.Lock()
+		var ok bool
+		batch, ok = hb.buf.after(batch[:0], c.cursor, maxBatch)
+		lag, nowBeats, wake, gone := hb.seq-c.cursor, hb.beats, hb.wake, hb.destroyed || (hb.failed && hb.up == nil)
+		hb.mu.Unlock()
+		if !ok || (lag > c.queue && lag >= prevLag) {
+			hb.logger.Warn("client fell behind the stream; disconnecting it (it resumes from the cache)",
+				zap.Uint64("behind", lag), zap.Bool("evicted", !ok))
+			return nil
+		}
+		prevLag = lag
+		now := time.Now()
+		switch {
+		case len(batch) > 0:
+			for _, ev := range batch {
+				if c.out.write(now, ev.data) != nil {
+					return nil
+				}
+			}
+			c.cursor = batch[len(batch)-1].seq
+			clear(batch) // hold no evicted event
+			if c.out.flush() != nil {
+				return nil
+			}
+			continue
+		case nowBeats != beats:
+			beats = nowBeats
+			if c.out.writeFlush(now, c.h.heartbeatBytes) != nil {
+				return nil
+			}
+		case gone:
+			return c.finish(endBackend)
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return nil
+		case <-c.sub.ended:
+			return c.finish(c.sub.reason)
+		case <-maxAge:
+			return c.finish(endMaxAge)
+		}
+	}
+}
+
+// finish ends the client's stream cleanly, with a retry hint: on
+// shutdown a random one between the configured retry (1s when none) and
+// twice that, so that a reload's reconnects do not arrive all at once.
+func (c *fanoutClient) finish(reason endReason) error {
+	hint := c.h.retryHint
+	if reason == endShutdown {
+		base := max(time.Duration(c.h.Retry), time.Second)
+		hint = retryField(base + rand.N(base))
+	}
+	if len(hint) > 0 {
+		_ = c.out.writeFlush(time.Now(), hint)
+	}
+	return nil
+}
+
+// startUpstreamLocked runs the upstream through the newest source. A
+// running upstream keeps publishing until the new one streams.
+func (hb *hub) startUpstreamLocked() {
+	var src *source
+	var runner *Handler
+	for h, s := range hb.sources {
+		if src == nil || s.added.After(src.added) {
+			src, runner = s, h
+		}
+	}
+	if src == nil {
+		return
+	}
+	if hb.up != nil {
+		hb.old.stopAsync()
+		hb.old = hb.up
+	}
+	// The template's context carries the server's values and is already
+	// detached from its client; the upstream gets a cancel of its own.
+	ctx, cancel := context.WithCancel(src.tmpl.Context())
+	hb.gens++
+	hb.up = &upstream{h: runner, gen: hb.gens, cancel: cancel, done: make(chan struct{})}
+	go hb.runUpstream(ctx, src, hb.up)
+}
+
+func (u *upstream) stopAsync() {
+	if u != nil {
+		u.cancel() // its loop ends on its own
+	}
+}
+
+// dropSource forgets handler h (its config is being unloaded). If its
+// route runs the upstream, another handler's route takes over when there
+// is one; otherwise the upstream keeps its connection (but no longer
+// reconnects) so that nothing is missed until a client of the new config
+// arrives and takes over.
+func (hb *hub) dropSource(h *Handler) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	delete(hb.sources, h)
+	if hb.up == nil || hb.up.h != h {
+		return
+	}
+	hb.up.orphan = true
+	if !hb.destroyed && len(hb.sources) > 0 {
+		hb.startUpstreamLocked()
+	}
+}
+
+// cleanupFanout runs at the handler's Cleanup.
+func (h *Handler) cleanupFanout() {
+	h.Fanout.mu.Lock()
+	runs := h.Fanout.runs
+	h.Fanout.runs = make(map[*hub]struct{})
+	h.Fanout.mu.Unlock()
+	for hb := range runs {
+		hb.dropSource(h)
+	}
+}
+
+// runUpstream keeps the hub's upstream connected for as long as ctx
+// lives: when the backend's stream ends or fails, it reconnects with
+// backoff, honouring the backend's retry, so that connected clients see
+// one continuous stream. A backend answer that is not a stream ends it.
+func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
+	defer close(u.done)
+	backoff := time.Duration(0)
+	for {
+		streamed, notStream, err := hb.connect(ctx, src, u.gen)
+		if ctx.Err() != nil {
+			return
+		}
+		hb.mu.Lock()
+		if hb.up != u || u.orphan {
+			// Replaced, or its config is gone: a newer upstream (or the next
+			// client) takes over.
+			if hb.up == u {
+				hb.up = nil
+			}
+			hb.mu.Unlock()
+			return
+		}
+		if notStream || hb.header == nil {
+			hb.failed = true
+			hb.up = nil
+			hb.header = nil
+			hb.broadcastLocked()
+			hb.mu.Unlock()
+			hb.logger.Warn("backend did not answer with an event stream; closing its clients", zap.Error(err))
+			return
+		}
+		// The backend's retry (or 500ms) after a stream that lasted; doubling
+		// up to maxBackoff while it keeps failing or ending at once.
+		base := cmp.Or(hb.retry, 500*time.Millisecond)
+		if streamed && time.Since(hb.streamedAt) > 10*time.Second {
+			backoff = base
+		} else {
+			backoff = min(max(2*backoff, base), maxBackoff)
+		}
+		hb.reconnects++
+		hb.mu.Unlock()
+		hb.logger.Info("backend stream ended; reconnecting", zap.Duration("after", backoff), zap.Error(err))
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+// connect runs one upstream request through the handler's route.
+func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, notStream bool, err error) {
+	hw := &hubWriter{hub: hb, gen: gen, header: make(http.Header)}
+	req := src.tmpl.Clone(ctx)
+	req.Header.Del("Accept-Encoding")
+	hb.mu.Lock()
+	if hb.backendIDs && hb.lastBackID != "" {
+		req.Header.Set("Last-Event-ID", hb.lastBackID)
+	}
+	hb.mu.Unlock()
+	server, _ := req.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	// A fresh replacer and vars: the client whose request this was made
+	// from may still be using its own.
+	req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), hw, server)
+	func() {
+		defer func() {
+			if rec := recover(); rec != nil && rec != http.ErrAbortHandler {
+				err = fmt.Errorf("upstream handler panicked: %v", rec)
+			}
+		}()
+		err = src.next.ServeHTTP(hw, req)
+	}()
+	hw.finish()
+	return hw.streaming, hw.notStream, err
+}
+
+// hubWriter is the ResponseWriter the upstream request writes into: it
+// splits the stream into events and publishes each one to the hub.
+type hubWriter struct {
+	hub         *hub
+	gen         uint64 // which upstream connection this is
+	header      http.Header
+	wroteHeader bool
+	streaming   bool
+	notStream   bool
+	scan        eventScanner
+	pending     []byte
+	oversize    bool // dropping the rest of an event larger than max_event_size
+	first       bool // the first event was published (the BOM is behind us)
+}
+
+func (w *hubWriter) Header() http.Header { return w.header }
+
+func (w *hubWriter) WriteHeader(status int) {
+	if w.wroteHeader || (status >= 100 && status < 200) {
+		return
+	}
+	w.wroteHeader = true
+	ce := w.header.Get("Content-Encoding")
+	if status < 200 || status > 299 || status == http.StatusNoContent || status == http.StatusResetContent ||
+		!isEventStreamType(w.header.Get("Content-Type")) || (ce != "" && ce != "identity") {
+		w.notStream = true
+		return
+	}
+	w.streaming = true
+	w.hub.streamStarted(w.gen, status, w.header.Clone())
+}
+
+var errNotStream = errors.New("sse: upstream response is not an event stream")
+
+func (w *hubWriter) Write(p []byte) (int, error) {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.notStream {
+		return 0, errNotStream
+	}
+	start := 0
+	for off := 0; off < len(p); {
+		n, complete := w.scan.next(p[off:])
+		off += n
+		if !complete {
+			continue
+		}
+		if raw := p[start:off]; !w.oversize {
+			if len(w.pending) > 0 {
+				w.pending = append(w.pending, raw...)
+				raw = w.pending
+			}
+			if len(raw) > w.hub.cfg.maxEventSize {
+				w.dropOversize()
+			} else {
+				w.publish(raw)
+			}
+		}
+		w.oversize = false
+		w.pending = w.pending[:0]
+		start = off
+	}
+	rest := p[start:]
+	switch {
+	case len(rest) == 0 || w.oversize:
+	case len(w.pending)+len(rest) > w.hub.cfg.maxEventSize:
+		w.dropOversize()
+		w.oversize = true
+		w.pending = nil
+	default:
+		w.pending = append(w.pending, rest...)
+	}
+	if cap(w.pending) > pendingKeep && len(w.pending) == 0 {
+		w.pending = nil
+	}
+	return len(p), nil
+}
+
+func (w *hubWriter) dropOversize() {
+	w.hub.logger.Warn("dropping an event larger than max_event_size: fan-out delivers and caches whole events only",
+		zap.Int("max_event_size", w.hub.cfg.maxEventSize))
+}
+
+func (w *hubWriter) publish(raw []byte) {
+	info := w.scan.event()
+	if !w.first {
+		w.first = true
+		if w.scan.sawBOM() {
+			raw = raw[3:]
+		}
+	}
+	if info.leadingLF {
+		raw = raw[1:] // the partner of the previous event's CR
+	}
+	if !info.hasFields {
+		return // the backend's own heartbeats: the hub sends its own
+	}
+	w.hub.publish(w.gen, raw, info)
+}
+
+// FlushError: events are published as they complete; nothing to flush.
+func (w *hubWriter) FlushError() error { return nil }
+
+// finish drops an unfinished event left when the upstream ended.
+func (w *hubWriter) finish() {
+	if len(w.pending) > 0 {
+		w.hub.logger.Debug("backend stream ended in the middle of an event; dropped it", zap.Int("bytes", len(w.pending)))
+	}
+	w.pending = nil
+}
+
+// streamStarted records the upstream's response and starts heartbeats.
+func (hb *hub) streamStarted(gen uint64, status int, header http.Header) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if hb.up == nil || gen != hb.up.gen {
+		return // a replaced upstream
+	}
+	// From now on only this connection publishes: the one it replaces is
+	// closed (events it still had in flight are the ones this one sends).
+	hb.liveGen = gen
+	hb.old.stopAsync()
+	hb.old = nil
+	if hb.header != nil && !hb.backendIDs {
+		// A new upstream connection to a backend without ids: no way to
+		// know what was missed in between, but clients stay connected and
+		// the cache stays valid up to here.
+		hb.logger.Debug("reconnected to a backend without ids; events sent while disconnected cannot be recovered")
+	}
+	hb.header, hb.status, hb.streamedAt = header, status, time.Now()
+	hb.lastPub = hb.streamedAt
+	if hb.heartbeat == nil && hb.cfg.heartbeat > 0 {
+		hb.heartbeat = time.AfterFunc(hb.cfg.heartbeat, hb.onHeartbeat)
+	}
+	hb.broadcastLocked()
+}
+
+// onHeartbeat asks the clients to write a heartbeat when the stream has
+// been idle: one timer per hub, not one per client.
+func (hb *hub) onHeartbeat() {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if hb.destroyed {
+		return
+	}
+	every := hb.cfg.heartbeat
+	if idle := time.Since(hb.lastPub); idle < every {
+		hb.heartbeat.Reset(every - idle)
+		return
+	}
+	hb.beats++
+	hb.lastPub = time.Now()
+	hb.broadcastLocked()
+	hb.heartbeat.Reset(every)
+}
+
+// publish stores one complete event and wakes the clients.
+func (hb *hub) publish(gen uint64, raw []byte, info eventInfo) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if gen != hb.liveGen {
+		return // a replaced upstream's late event
+	}
+	id := ""
+	if info.hasID && !info.idTooLong {
+		id = string(info.id)
+	}
+	if info.hasID {
+		hb.backendIDs = true
+		hb.lastBackID = id
+	}
+	if info.retry >= 0 {
+		hb.retry = time.Duration(info.retry) * time.Millisecond
+	}
+	hb.seq++
+	var data []byte
+	if hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !info.hasID) {
+		id = hb.epoch + "-" + strconv.FormatUint(hb.seq, 36)
+		data = withID(raw, id)
+	} else {
+		data = append([]byte(nil), raw...)
+	}
+	now := time.Now()
+	hb.buf.add(&event{seq: hb.seq, id: id, data: data, at: now})
+	hb.lastPub = now
+	hb.broadcastLocked()
+}
+
+// withID copies an event with an id line added just before the blank line
+// that ends it, where it is the event's last id and so the one that counts.
+func withID(raw []byte, id string) []byte {
+	cut := len(raw) - 1 // the blank line is "\n" or "\r"...
+	if len(raw) >= 2 && raw[len(raw)-2] == '\r' && raw[len(raw)-1] == '\n' {
+		cut = len(raw) - 2 // ... or "\r\n"
+	}
+	out := make([]byte, 0, len(raw)+len(id)+5)
+	out = append(out, raw[:cut]...)
+	out = append(out, "id: "...)
+	out = append(out, id...)
+	out = append(out, '\n')
+	return append(out, raw[cut:]...)
+}

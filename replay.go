@@ -1,0 +1,129 @@
+package caddysse
+
+import "time"
+
+// event is one complete event of a fan-out stream, serialized once: every
+// client's queue shares the same bytes.
+type event struct {
+	seq  uint64    // position in the hub's stream, from 1, without gaps
+	id   string    // the id clients see (the backend's or a synthesized one); "" for none
+	data []byte    // the bytes every client is sent
+	at   time.Time // when the hub received it, for the age bound
+}
+
+// replayBuffer holds the latest complete events of one stream, bounded by
+// count, bytes and age. It is both the replay cache for Last-Event-ID and
+// every client's queue (a client is a cursor into it). This node's memory
+// is the only implementation today; a shared one (Redis) for several nodes
+// is planned, which is why the hub sees only this interface.
+type replayBuffer interface {
+	// add appends ev (whose seq follows the last one) and evicts what the
+	// bounds no longer allow.
+	add(ev *event)
+	// after appends to dst the events following seq, at most max of them.
+	// ok is false when some of them were already evicted: a reader at seq
+	// can no longer get a gapless stream.
+	after(dst []*event, seq uint64, max int) (_ []*event, ok bool)
+	// find returns the seq of the newest held event with this id.
+	find(id string) (seq uint64, ok bool)
+	// stats reports the events and bytes held.
+	stats() (events, bytes int)
+}
+
+// replayLimits bound a replay buffer; a zero field is no bound.
+type replayLimits struct {
+	events int
+	bytes  int
+	age    time.Duration
+}
+
+// memoryReplay is a replayBuffer in this process's memory: a queue of
+// events and an index from id to seq.
+type memoryReplay struct {
+	limits replayLimits
+	now    func() time.Time
+	events []*event // oldest first; events[0].seq is the oldest held
+	bytes  int
+	byID   map[string]uint64
+}
+
+func newMemoryReplay(limits replayLimits) *memoryReplay {
+	return &memoryReplay{limits: limits, now: time.Now, byID: make(map[string]uint64)}
+}
+
+func (m *memoryReplay) add(ev *event) {
+	m.events = append(m.events, ev)
+	m.bytes += len(ev.data)
+	if ev.id != "" {
+		m.byID[ev.id] = ev.seq
+	}
+	m.evict()
+}
+
+// evict drops the oldest events beyond the bounds; the newest event always
+// stays, so live clients can still be handed it.
+func (m *memoryReplay) evict() {
+	drop := 0
+	var oldest time.Time
+	if m.limits.age > 0 {
+		oldest = m.now().Add(-m.limits.age)
+	}
+	for n := len(m.events); drop < n-1; drop++ {
+		ev := m.events[drop]
+		held := n - drop
+		if (m.limits.events > 0 && held > m.limits.events) ||
+			(m.limits.bytes > 0 && m.bytes > m.limits.bytes) ||
+			(!oldest.IsZero() && ev.at.Before(oldest)) {
+			m.bytes -= len(ev.data)
+			if ev.id != "" && m.byID[ev.id] == ev.seq {
+				delete(m.byID, ev.id)
+			}
+			m.events[drop] = nil
+			continue
+		}
+		break
+	}
+	if drop == 0 {
+		return
+	}
+	m.events = m.events[drop:]
+	// Reslicing from the front leaks the array's head; copy into a fresh
+	// array once the dead part is as large as the live one.
+	if cap(m.events) > 2*len(m.events)+64 {
+		m.events = append(make([]*event, 0, 2*len(m.events)+16), m.events...)
+	}
+}
+
+func (m *memoryReplay) after(dst []*event, seq uint64, max int) ([]*event, bool) {
+	if m.limits.age > 0 {
+		m.evict()
+	}
+	if len(m.events) == 0 {
+		return dst, true
+	}
+	first := m.events[0].seq
+	if seq+1 < first {
+		return dst, false
+	}
+	i := int(seq + 1 - first)
+	if i >= len(m.events) {
+		return dst, true
+	}
+	end := len(m.events)
+	if max > 0 && end-i > max {
+		end = i + max
+	}
+	return append(dst, m.events[i:end]...), true
+}
+
+func (m *memoryReplay) find(id string) (uint64, bool) {
+	if m.limits.age > 0 {
+		m.evict()
+	}
+	seq, ok := m.byID[id]
+	return seq, ok
+}
+
+func (m *memoryReplay) stats() (int, int) {
+	return len(m.events), m.bytes
+}
