@@ -64,6 +64,30 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{in: `sse {
 			max_age 1h 2h
 		}`, err: "wrong argument count"},
+		{in: `sse {
+			fanout {
+				buffer 100 1MiB 30s
+				ids upstream
+			}
+		}`, want: Handler{Fanout: &Fanout{BufferEvents: 100, BufferBytes: 1 << 20, BufferAge: caddy.Duration(30e9), IDs: "upstream"}}},
+		{in: `sse {
+			fanout {
+				buffer lots
+			}
+		}`, err: "neither an event count"},
+		{in: `sse {
+			fanout {
+				ids mine
+			}
+		}`, err: "not one of auto, upstream, synthesize"},
+		{in: `sse {
+			fanout {
+				keys x
+			}
+		}`, err: "unrecognized fanout option 'keys'"},
+		{in: `sse {
+			fanout extra
+		}`, err: "wrong argument count"},
 	} {
 		var h Handler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))

@@ -117,11 +117,17 @@ func (m *memoryReplay) after(dst []*event, seq uint64, max int) ([]*event, bool)
 }
 
 func (m *memoryReplay) find(id string) (uint64, bool) {
-	if m.limits.age > 0 {
-		m.evict()
-	}
 	seq, ok := m.byID[id]
-	return seq, ok
+	if !ok || m.limits.age <= 0 {
+		return seq, ok
+	}
+	m.evict()
+	// The newest event outlives the age bound for live readers, not for
+	// a replay.
+	if seq < m.events[0].seq || m.events[seq-m.events[0].seq].at.Before(m.now().Add(-m.limits.age)) {
+		return 0, false
+	}
+	return seq, true
 }
 
 func (m *memoryReplay) stats() (int, int) {
