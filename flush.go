@@ -234,6 +234,7 @@ type stream struct {
 	maxAge        *time.Timer
 	events, bytes int64
 	heartbeats    int64
+	obs           streamObs // for metrics and the admin API (metrics.go)
 }
 
 // startStream writes the stream's header and prelude and starts its timers.
@@ -244,8 +245,9 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 		cancel:  cancel,
 		logger:  h.logger.With(zap.String("path", r.URL.Path), zap.String("remote_ip", remoteIP(r))),
 		started: time.Now(),
-		out:     newClientConn(w, time.Duration(h.WriteTimeout)),
+		obs:     streamObs{key: h.requestKey(r), path: r.URL.Path},
 	}
+	s.out = newClientConn(s.countWire(w), time.Duration(h.WriteTimeout))
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	w.WriteHeader(status)
@@ -258,6 +260,7 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 		s.closeLocked(endNotStarted, errStreamEnded)
 		return s
 	}
+	s.observeStart()
 	if h.heartbeatEvery > 0 {
 		s.heartbeat = time.AfterFunc(h.heartbeatEvery, s.onHeartbeat)
 	}
@@ -286,6 +289,7 @@ func (s *stream) Write(p []byte) (int, error) {
 		off += n
 		if complete {
 			end, count = off, count+1
+			s.observeEvent()
 			if s.endAtBoundary != "" {
 				break // the stream ends at this boundary
 			}
@@ -296,6 +300,7 @@ func (s *stream) Write(p []byte) (int, error) {
 			return 0, err
 		}
 		s.events += int64(count)
+		s.h.metrics.eventsForwarded(modePassthrough, count)
 		s.midEvent = false
 		if s.endAtBoundary != "" {
 			s.endLocked(s.endAtBoundary)
@@ -352,11 +357,13 @@ func (s *stream) forwardLocked(chunk []byte) error {
 func (s *stream) writeLocked(p []byte) error {
 	now := time.Now()
 	if err := s.out.writeFlush(now, p); err != nil {
+		s.observeWriteError(err)
 		s.closeLocked(endClient, err)
 		return err
 	}
 	s.lastWrite = now
 	s.bytes += int64(len(p))
+	s.observeWrite(len(p))
 	return nil
 }
 
@@ -376,7 +383,7 @@ func (s *stream) end(reason endReason) {
 
 func (s *stream) endLocked(reason endReason) {
 	if len(s.pending) > 0 {
-		if c := s.logger.Check(zap.DebugLevel, "dropping an unfinished event at the end of the stream"); c != nil {
+		if c := s.logger.Check(zap.WarnLevel, "dropping an unfinished event at the end of the stream"); c != nil {
 			c.Write(zap.Int("bytes", len(s.pending)), zap.String("reason", string(reason)))
 		}
 		s.pending = s.pending[:0]
@@ -416,12 +423,13 @@ func (s *stream) finish() (endedByPlugin bool) {
 	defer s.mu.Unlock()
 	if !s.closed {
 		if len(s.pending) > 0 {
-			s.logger.Debug("backend ended the stream in the middle of an event; EventSource discards it",
+			s.logger.Warn("backend ended the stream in the middle of an event; EventSource discards it",
 				zap.Int("bytes", len(s.pending)))
 			_ = s.forwardLocked(nil)
 		}
 		s.closeLocked(endBackend, nil)
 	}
+	s.observeEnd()
 	if c := s.logger.Check(zap.InfoLevel, "stream ended"); c != nil {
 		c.Write(zap.String("reason", string(s.reason)),
 			zap.Duration("duration", time.Since(s.started)),

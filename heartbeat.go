@@ -35,5 +35,6 @@ func (s *stream) onHeartbeat() {
 		return
 	}
 	s.heartbeats++
+	s.h.metrics.heartbeatsSent(modePassthrough, 1)
 	s.heartbeat.Reset(every)
 }
