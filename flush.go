@@ -32,6 +32,9 @@ type responseWriter struct {
 	rc          *http.ResponseController // for non-stream flushes; made once
 	wroteHeader bool
 	stream      *stream // set when the response is an event stream
+	// acceptEncoding is the client's Accept-Encoding, which the backend
+	// does not see; a stream is compressed by the plugin (compress.go).
+	acceptEncoding string
 }
 
 // WriteHeader starts a stream when the response is one, and otherwise
@@ -50,11 +53,12 @@ func (rw *responseWriter) WriteHeader(status int) {
 		return
 	}
 	prepareStreamHeader(rw.Header(), rw.req.ProtoMajor)
+	encoding := rw.h.negotiateStream(rw.Header(), rw.acceptEncoding)
 	if rw.req.Method == http.MethodHead {
 		rw.ResponseWriter.WriteHeader(status)
 		return
 	}
-	rw.stream = rw.h.startStream(rw.ResponseWriter, rw.req, status, rw.cancel)
+	rw.stream = rw.h.startStream(rw.ResponseWriter, rw.req, status, rw.cancel, encoding)
 }
 
 // isEventStream reports whether a response with this status and header is
@@ -145,6 +149,7 @@ type clientConn struct {
 	rc       *http.ResponseController
 	timeout  time.Duration
 	deadline time.Time // write deadline now set on the connection
+	enc      encoder   // compresses what is written, or nil (compress.go)
 }
 
 func newClientConn(w http.ResponseWriter, timeout time.Duration) clientConn {
@@ -177,12 +182,22 @@ func (c *clientConn) write(now time.Time, p []byte) error {
 	if err := c.arm(now); err != nil {
 		return err
 	}
+	if c.enc != nil {
+		_, err := c.enc.Write(p)
+		return err
+	}
 	_, err := c.w.Write(p)
 	return err
 }
 
-// flush pushes everything written (and the header) to the client.
+// flush pushes everything written (and the header) to the client; a
+// compressed stream gets one sync flush of its encoder.
 func (c *clientConn) flush() error {
+	if c.enc != nil {
+		if err := c.enc.Flush(); err != nil {
+			return err
+		}
+	}
 	return c.rc.Flush()
 }
 
@@ -238,7 +253,7 @@ type stream struct {
 }
 
 // startStream writes the stream's header and prelude and starts its timers.
-func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int, cancel context.CancelCauseFunc) *stream {
+func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int, cancel context.CancelCauseFunc, encoding string) *stream {
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	s := &stream{
 		h:       h,
@@ -250,9 +265,17 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 	s.out = newClientConn(s.countWire(w), time.Duration(h.WriteTimeout))
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if encoding != "" {
+		if err := s.out.compress(encoding); err != nil {
+			s.logger.Error("cannot compress the stream; sending it uncompressed", zap.String("encoding", encoding), zap.Error(err))
+			w.Header().Del("Content-Encoding")
+			encoding = ""
+		}
+	}
+	s.obs.encoding = encoding
 	w.WriteHeader(status)
 	// Headers and padding go out at once, before the first event.
-	if err := s.writeLocked(h.prelude); err != nil {
+	if err := s.writeLocked(h.preludeFor(encoding)); err != nil {
 		s.closeLocked(endClient, err)
 		return s
 	}
@@ -402,6 +425,7 @@ func (s *stream) closeLocked(reason endReason, cause error) {
 	s.closed = true
 	s.reason = reason
 	s.stopTimers()
+	s.out.endEncoding(reason != endClient) // a trailer, unless the client is gone
 	s.cancel(cause)
 }
 

@@ -1,0 +1,1234 @@
+package caddysse
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	kgzip "github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+)
+
+func TestNegotiateEncoding(t *testing.T) {
+	both := []string{"zstd", "gzip"}
+	for _, tc := range []struct {
+		ae    string
+		prefs []string
+		want  string
+	}{
+		{"", both, ""},
+		{"   ", both, ""},
+		{"gzip", both, "gzip"},
+		{"zstd", both, "zstd"},
+		{"gzip, zstd", both, "zstd"},                     // equal q: server order
+		{"gzip, zstd", []string{"gzip", "zstd"}, "gzip"}, // equal q: server order
+		{"gzip;q=1, zstd;q=0.5", both, "gzip"},           // client weight first
+		{"zstd;q=0.1, gzip;q=0.2", both, "gzip"},
+		{"gzip;q=0", both, ""}, // q=0 excludes
+		{"gzip;q=0.000", both, ""},
+		{"zstd;q=0, gzip", both, "gzip"},
+		{"*", both, "zstd"},
+		{"*;q=0", both, ""},
+		{"gzip;q=0, *", both, "zstd"},
+		{"zstd;q=0, *;q=0.5", both, "gzip"},
+		{"*, zstd;q=0", []string{"zstd"}, ""},
+		{"identity", both, ""},
+		{"identity;q=0", both, ""}, // nothing acceptable: identity anyway
+		{"identity;q=0, gzip", both, "gzip"},
+		{"identity, gzip;q=0.5", both, ""},            // identity weighed higher
+		{"identity;q=0.5, gzip;q=0.5", both, "gzip"},  // a tie goes to the coding
+		{"*;q=0.8, gzip;q=0.2", []string{"gzip"}, ""}, // identity through "*" is 0.8
+		{"*;q=0.8, gzip;q=0.2", both, "zstd"},
+		{"GZIP", both, "gzip"}, // case-insensitive
+		{"ZStd;Q=0.7,gzip;q=0.6", both, "zstd"},
+		{" \tgzip ; q = 0.5 ,\tzstd ;q=0.4 ", both, "gzip"}, // whitespace
+		{"x-gzip", both, "gzip"},
+		{"br, deflate, compress", both, ""}, // unknown codings
+		{"br;q=1, gzip;q=0.1", both, "gzip"},
+		{"deflate, gzip, br, zstd", both, "zstd"}, // curl --compressed
+		{"gzip, deflate, br, zstd", []string{"gzip"}, "gzip"},
+		{"gzip;q=high, zstd;q=0.1", both, "zstd"}, // malformed weight: item ignored
+		{"gzip;q=1.5", both, ""},
+		{"gzip;q=-1", both, ""},
+		{"gzip;level=9", both, "gzip"}, // other parameters ignored
+		{",, ,gzip,,", both, "gzip"},
+		{"gzip", nil, ""},                // compression off
+		{"gzip, gzip;q=0", both, "gzip"}, // first occurrence counts
+	} {
+		if got := negotiateEncoding(tc.ae, tc.prefs); got != tc.want {
+			t.Errorf("negotiateEncoding(%q, %q) = %q, want %q", tc.ae, tc.prefs, got, tc.want)
+		}
+	}
+}
+
+func TestCompressOption(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want []string
+		err  string
+	}{
+		{in: `sse {
+			compress zstd gzip
+		}`, want: []string{"zstd", "gzip"}},
+		{in: `sse {
+			compress gzip
+		}`, want: []string{"gzip"}},
+		{in: `sse {
+			compress off
+		}`, want: []string{"off"}},
+		{in: `sse {
+			compress
+		}`, err: "wrong argument count"},
+		{in: `sse {
+			compress zstd lz4
+		}`, err: "compress: unknown encoding 'lz4'"},
+		{in: `sse {
+			compress br
+		}`, err: "compress: encoding 'br' is not supported"},
+		{in: `sse {
+			compress off gzip
+		}`, err: "compress: off cannot be combined"},
+		{in: `sse {
+			compress gzip gzip
+		}`, err: "compress: encoding 'gzip' listed twice"},
+	} {
+		var h Handler
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%s: error %v, want one containing %q", tc.in, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %v", tc.in, err)
+			continue
+		}
+		if fmt.Sprint(h.Compress) != fmt.Sprint(tc.want) {
+			t.Errorf("%s: Compress = %q, want %q", tc.in, h.Compress, tc.want)
+		}
+	}
+	// JSON goes through Validate.
+	for _, tc := range []struct {
+		list []string
+		err  string
+	}{
+		{nil, ""}, {[]string{"off"}, ""}, {[]string{"gzip", "zstd"}, ""},
+		{[]string{"deflate"}, "compress: unknown encoding 'deflate'"},
+		{[]string{"GZIP"}, "compress: unknown encoding 'GZIP'"},
+	} {
+		err := (&Handler{Compress: tc.list}).Validate()
+		if (tc.err == "") != (err == nil) || (err != nil && !strings.HasPrefix(err.Error(), tc.err)) {
+			t.Errorf("Validate(compress %q) = %v, want %q", tc.list, err, tc.err)
+		}
+	}
+}
+
+// decodingClient reads a stream's raw bytes and decodes them as they come
+// with a real streaming decoder for the response's Content-Encoding.
+type decodingClient struct {
+	Resp   *http.Response
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	raw    int // bytes received on the wire (the body, not decoded)
+	plain  bytes.Buffer
+	more   chan struct{}
+	done   chan struct{}
+	err    error // how decoding ended; nil for a clean end of stream
+}
+
+func openDecoding(t testing.TB, url string, h2 bool, acceptEncoding string) *decodingClient {
+	t.Helper()
+	tr := &http.Transport{DisableCompression: true}
+	if h2 {
+		tr.Protocols = new(http.Protocols)
+		tr.Protocols.SetUnencryptedHTTP2(true)
+	}
+	t.Cleanup(tr.CloseIdleConnections)
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	req.Header.Set("Accept", "text/event-stream")
+	if acceptEncoding != "" {
+		req.Header.Set("Accept-Encoding", acceptEncoding)
+	}
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		cancel()
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	c := &decodingClient{Resp: resp, cancel: cancel, more: make(chan struct{}, 1), done: make(chan struct{})}
+	t.Cleanup(c.close)
+	go c.decode()
+	return c
+}
+
+func (c *decodingClient) Read(p []byte) (int, error) {
+	n, err := c.Resp.Body.Read(p)
+	c.mu.Lock()
+	c.raw += n
+	c.mu.Unlock()
+	return n, err
+}
+
+func (c *decodingClient) decode() {
+	defer close(c.done)
+	defer c.signal()
+	var dec io.Reader
+	switch ce := c.Resp.Header.Get("Content-Encoding"); ce {
+	case "":
+		dec = c
+	case "gzip":
+		zr, err := gzip.NewReader(c)
+		if err != nil {
+			c.setErr(err)
+			return
+		}
+		zr.Multistream(false)
+		dec = zr
+	case "zstd":
+		zr, err := zstd.NewReader(c, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			c.setErr(err)
+			return
+		}
+		defer zr.Close()
+		dec = zr
+	default:
+		c.setErr(fmt.Errorf("unexpected Content-Encoding %q", ce))
+		return
+	}
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := dec.Read(buf)
+		c.mu.Lock()
+		c.plain.Write(buf[:n])
+		c.mu.Unlock()
+		c.signal()
+		if err != nil {
+			if err != io.EOF {
+				c.setErr(err)
+			}
+			return
+		}
+	}
+}
+
+func (c *decodingClient) signal() {
+	select {
+	case c.more <- struct{}{}:
+	default:
+	}
+}
+
+func (c *decodingClient) setErr(err error) {
+	c.mu.Lock()
+	c.err = err
+	c.mu.Unlock()
+}
+
+func (c *decodingClient) close() {
+	c.cancel()
+	c.Resp.Body.Close()
+	<-c.done
+}
+
+// state returns the decoded bytes so far and the raw byte count.
+func (c *decodingClient) state() (string, int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.plain.String(), c.raw
+}
+
+// waitPlain waits until everything decoded so far is exactly want.
+func (c *decodingClient) waitPlain(t testing.TB, want string) {
+	t.Helper()
+	deadline := time.After(5 * time.Second)
+	for {
+		got, _ := c.state()
+		if got == want {
+			return
+		}
+		if !strings.HasPrefix(want, got) {
+			t.Fatalf("decoded %q, which is not a prefix of %q", tail(got), tail(want))
+		}
+		select {
+		case <-c.more:
+		case <-c.done:
+			if got, _ := c.state(); got == want {
+				return
+			}
+			t.Fatalf("stream ended (%v) with %q decoded, want %q", c.err, tail(got), tail(want))
+		case <-deadline:
+			t.Fatalf("decoded %q after 5s, want %q", tail(got), tail(want))
+		}
+	}
+}
+
+// waitEnd waits for the end of the stream and returns how decoding ended.
+func (c *decodingClient) waitEnd(t testing.TB) error {
+	t.Helper()
+	select {
+	case <-c.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("stream still open after 5s")
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+func tail(s string) string {
+	if len(s) > 120 {
+		return "..." + s[len(s)-120:]
+	}
+	return s
+}
+
+// wantPrelude is what a stream compressed with enc decodes to first.
+func wantPrelude(t testing.TB, enc string, padding int, retry time.Duration) string {
+	t.Helper()
+	var hint []byte
+	if retry > 0 {
+		hint = retryField(retry)
+	}
+	if enc == "" {
+		return string(append(paddingBlock(padding), hint...))
+	}
+	p, err := compressedPrelude(enc, padding, hint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(p)
+}
+
+// waitNoLiveEncoders fails the test unless every encoder is released soon.
+func waitNoLiveEncoders(t testing.TB) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for liveEncoders.Load() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d encoders not released", liveEncoders.Load())
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition with a deadline
+	}
+}
+
+// Every event must be decodable by the client as soon as it is forwarded,
+// before the backend writes the next one; a partial event is not sent.
+func TestCompressedEventsDecodeOneByOne(t *testing.T) {
+	for _, enc := range []string{"gzip", "zstd"} {
+		for _, h2 := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/h2=%v", enc, h2), func(t *testing.T) {
+				checkNoLeak(t)
+				b := newScriptedBackend(t)
+				base := startCaddy(t, route("/events", sseHandler(map[string]any{"padding": 512, "retry": "3s", "heartbeat": 0}), proxyTo(b.Addr)))
+				c := openDecoding(t, base+"/events", h2, "br;q=1, "+enc+";q=0.9, identity;q=0.1")
+				if ce := c.Resp.Header.Get("Content-Encoding"); ce != enc {
+					t.Fatalf("Content-Encoding %q, want %q", ce, enc)
+				}
+				if v := c.Resp.Header.Values("Vary"); len(v) != 1 || v[0] != "Accept-Encoding" {
+					t.Errorf("Vary %q", v)
+				}
+				if c.Resp.Header.Get("Content-Length") != "" {
+					t.Errorf("Content-Length %q", c.Resp.Header.Get("Content-Length"))
+				}
+				want := wantPrelude(t, enc, 512, 3*time.Second)
+				c.waitPlain(t, want)
+				r := rand.New(rand.NewPCG(1, 1))
+				for i := range 30 {
+					ev := fmt.Sprintf("id: %d\nevent: tick\ndata: {\"n\":%d,\"r\":%d}\n\n", i, i, r.IntN(1e6))
+					// One event in odd chunks, each flushed by the backend:
+					// nothing of it may be decodable before its end.
+					b.send(t, ev[:4], ev[4:len(ev)-1])
+					if got, _ := c.state(); got != want {
+						t.Fatalf("partial event %d decoded: %q", i, tail(got))
+					}
+					b.send(t, ev[len(ev)-1:])
+					want += ev
+					c.waitPlain(t, want)
+				}
+				// Two events in one write: one flush, both decodable.
+				b.send(t, "data: a\n\ndata: b\n\n")
+				want += "data: a\n\ndata: b\n\n"
+				c.waitPlain(t, want)
+				// The backend ends: the compressed stream ends with a valid trailer.
+				b.end(t)
+				if err := c.waitEnd(t); err != nil {
+					t.Fatalf("decoding the end of the stream: %v", err)
+				}
+				c.waitPlain(t, want)
+				waitNoLiveEncoders(t)
+			})
+		}
+	}
+}
+
+func TestCompressedHeartbeatAndMaxAge(t *testing.T) {
+	for _, enc := range []string{"gzip", "zstd"} {
+		t.Run(enc, func(t *testing.T) {
+			checkNoLeak(t)
+			b := newScriptedBackend(t)
+			base := startCaddy(t, route("/events", sseHandler(map[string]any{
+				"padding": 0, "heartbeat": "1s", "heartbeat_comment": "hb", "retry": "250ms", "max_age": "2s",
+			}), proxyTo(b.Addr)))
+			c := openDecoding(t, base+"/events", false, enc)
+			want := "retry: 250\n\n"
+			c.waitPlain(t, want)
+			b.send(t, "data: x\n\n")
+			want += "data: x\n\n"
+			c.waitPlain(t, want)
+			// The heartbeat is a sync flush of its own.
+			want += ": hb\n\n"
+			c.waitPlain(t, want)
+			// max_age ends the stream with the retry hint and a trailer.
+			if err := c.waitEnd(t); err != nil {
+				t.Fatalf("decoding the end of the stream: %v", err)
+			}
+			got, _ := c.state()
+			if !strings.HasPrefix(got, want) || !strings.HasSuffix(got, "\n\nretry: 250\n\n") {
+				t.Fatalf("got %q", got)
+			}
+			b.handlerReturned(t, 5*time.Second)
+			waitNoLiveEncoders(t)
+		})
+	}
+}
+
+// Padding must keep its size on the wire when compressed: a comment of
+// spaces would shrink to a few bytes and not release a buffering middlebox.
+func TestCompressedPaddingKeepsItsSizeOnTheWire(t *testing.T) {
+	for _, padding := range []int{64, 2048, 8192} {
+		for _, enc := range []string{"gzip", "zstd"} {
+			t.Run(fmt.Sprintf("%s/%d", enc, padding), func(t *testing.T) {
+				b := newScriptedBackend(t)
+				base := startCaddy(t, route("/events", sseHandler(map[string]any{"padding": padding, "heartbeat": 0}), proxyTo(b.Addr)))
+				c := openDecoding(t, base+"/events", false, enc)
+				want := wantPrelude(t, enc, padding, 0)
+				c.waitPlain(t, want)
+				_, raw := c.state()
+				if raw < padding || raw > padding+padding/10+64 {
+					t.Fatalf("compressed prelude is %d bytes on the wire, want about %d (at least)", raw, padding)
+				}
+				// It is still one comment line, at an event boundary.
+				if !strings.HasPrefix(want, ":") || strings.Count(want, "\n") != 1 || !strings.HasSuffix(want, "\n") {
+					t.Fatalf("padding is not one comment line: %q", tail(want))
+				}
+				if spaces, _ := compressedSize(enc, paddingBlock(padding)); spaces >= padding/4 {
+					t.Logf("note: %d spaces compress to %d bytes", padding, spaces)
+				}
+			})
+		}
+	}
+}
+
+func TestCompressionOffAndIdentity(t *testing.T) {
+	for _, tc := range []struct {
+		name, ae string
+		fields   map[string]any
+		vary     bool
+	}{
+		{"off", "gzip, zstd", map[string]any{"compress": []string{"off"}, "padding": 16}, false},
+		{"no Accept-Encoding", "", map[string]any{"padding": 16}, true},
+		{"nothing acceptable", "br, deflate", map[string]any{"padding": 16}, true},
+		{"only zstd configured", "gzip", map[string]any{"compress": []string{"zstd"}, "padding": 16}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newScriptedBackend(t)
+			base := startCaddy(t, route("/events", sseHandler(tc.fields), proxyTo(b.Addr)))
+			c := openDecoding(t, base+"/events", false, tc.ae)
+			if ce := c.Resp.Header.Get("Content-Encoding"); ce != "" {
+				t.Fatalf("Content-Encoding %q", ce)
+			}
+			if got := c.Resp.Header.Get("Vary") == "Accept-Encoding"; got != tc.vary {
+				t.Errorf("Vary %q", c.Resp.Header.Values("Vary"))
+			}
+			want := string(paddingBlock(16)) + "data: plain\n\n"
+			b.send(t, "data: plain\n\n")
+			c.waitPlain(t, want)
+			if _, raw := c.state(); raw != len(want) {
+				t.Fatalf("%d bytes on the wire for %d plain bytes", raw, len(want))
+			}
+		})
+	}
+}
+
+// A stream the backend already compressed is passed through, not
+// compressed again.
+func TestPrecompressedStreamNotCompressedAgain(t *testing.T) {
+	b := newScriptedBackend(t)
+	b.header.Set("Content-Encoding", "br")
+	base := startCaddy(t, route("/events", sseHandler(nil), proxyTo(b.Addr)))
+	c := openStream(t, base+"/events", false, "Accept-Encoding", "gzip, zstd")
+	if ce := c.Resp.Header.Values("Content-Encoding"); len(ce) != 1 || ce[0] != "br" {
+		t.Fatalf("Content-Encoding %q with the client accepting gzip and zstd", ce)
+	}
+	b.send(t, "brotli bytes")
+	if got := c.waitSuffix(t, "brotli bytes"); string(got) != "brotli bytes" {
+		t.Fatalf("got %q", got)
+	}
+}
+
+// startCaddyfile runs a Caddyfile site block (the directives only) on a
+// loopback address and returns its base URL.
+func startCaddyfile(t testing.TB, directives string) string {
+	t.Helper()
+	caddyMu.Lock()
+	addr := freeAddr(t)
+	_, port, _ := net.SplitHostPort(addr)
+	cf := fmt.Sprintf("{\n\tadmin off\n\tauto_https off\n\tlog {\n\t\tlevel ERROR\n\t}\n\tservers {\n\t\tprotocols h1 h2c\n\t}\n}\n\nhttp://127.0.0.1:%s {\n\tbind 127.0.0.1\n%s\n}\n", port, directives)
+	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
+	if err == nil && len(warnings) > 0 {
+		err = fmt.Errorf("warnings: %v", warnings)
+	}
+	if err == nil {
+		err = caddy.Load(cfg, true)
+	}
+	if err != nil {
+		caddyMu.Unlock()
+		t.Fatalf("Caddyfile:\n%s\n%v", cf, err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping Caddy: %v", err)
+		}
+		caddyMu.Unlock()
+	})
+	return "http://" + addr
+}
+
+// With Caddy's encode in the same site (ordered before sse, so it wraps
+// sse's output), a stream is compressed once, with sse's choice; other
+// responses are still encode's.
+func TestCompressWithEncodeInTheRoute(t *testing.T) {
+	checkNoLeak(t)
+	b := newScriptedBackend(t)
+	big := `{"items": [` + strings.Repeat(`{"name": "item", "value": 12345},`, 64) + `{}]}`
+	base := startCaddyfile(t, fmt.Sprintf(`	encode zstd gzip
+	sse {
+		compress gzip
+		padding 0
+		heartbeat off
+	}
+	handle /json {
+		header Content-Type application/json
+		respond %q 200
+	}
+	reverse_proxy %s`, big, b.Addr))
+
+	// encode alone would pick zstd (its order, equal weights); sse picks gzip.
+	c := openDecoding(t, base+"/events", false, "zstd, gzip")
+	if ce := c.Resp.Header.Values("Content-Encoding"); len(ce) != 1 || ce[0] != "gzip" {
+		t.Fatalf("Content-Encoding %q, want one gzip", ce)
+	}
+	if v := c.Resp.Header.Values("Vary"); len(v) != 1 || v[0] != "Accept-Encoding" {
+		t.Errorf("Vary %q", v)
+	}
+	want := ""
+	for i := range 10 {
+		ev := fmt.Sprintf("id: %d\ndata: {\"n\": %d}\n\n", i, i)
+		b.send(t, ev)
+		want += ev
+		c.waitPlain(t, want) // decoded once: plain events, no second layer
+	}
+	b.end(t)
+	if err := c.waitEnd(t); err != nil {
+		t.Fatalf("decoding the end of the stream: %v", err)
+	}
+
+	// A client that accepts only zstd: sse is limited to gzip, so the stream
+	// goes out plain; encode must not compress it either.
+	c2 := openDecoding(t, base+"/events", false, "zstd")
+	if ce := c2.Resp.Header.Get("Content-Encoding"); ce != "" {
+		t.Fatalf("Content-Encoding %q", ce)
+	}
+	b.send(t, "data: plain\n\n")
+	c2.waitPlain(t, "data: plain\n\n")
+	c2.close()
+
+	// A response that is not a stream is encode's business, as before.
+	req, _ := http.NewRequest(http.MethodGet, base+"/json", nil)
+	req.Header.Set("Accept-Encoding", "zstd, gzip")
+	resp, err := (&http.Transport{DisableCompression: true}).RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if ce := resp.Header.Get("Content-Encoding"); ce != "zstd" {
+		t.Fatalf("non-stream response: Content-Encoding %q, want encode's zstd", ce)
+	}
+	zr, _ := zstd.NewReader(resp.Body)
+	defer zr.Close()
+	if body, err := io.ReadAll(zr); err != nil || string(body) != big {
+		t.Fatalf("non-stream body %q, %v", tail(string(body)), err)
+	}
+	waitNoLiveEncoders(t)
+}
+
+// curl --compressed decodes the stream event by event (CI installs curl).
+func TestCompressedStreamWithCurl(t *testing.T) {
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Skip("curl is not on PATH; skipping the curl --compressed integration test")
+	}
+	for _, enc := range []string{"zstd", "gzip"} {
+		t.Run(enc, func(t *testing.T) {
+			checkNoLeak(t)
+			b := newScriptedBackend(t)
+			base := startCaddy(t, route("/events", sseHandler(map[string]any{"compress": []string{enc}, "padding": 2048, "heartbeat": 0}), proxyTo(b.Addr)))
+			headers := filepath.Join(t.TempDir(), "headers")
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, curl, "--compressed", "-N", "-s", "-S", "-D", headers,
+				"-H", "Accept: text/event-stream", base+"/events")
+			stdout, _ := cmd.StdoutPipe()
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			lines := make(chan string, 100)
+			go func() {
+				defer close(lines)
+				sc := bufio.NewScanner(stdout)
+				sc.Buffer(make([]byte, 64<<10), 64<<10)
+				for sc.Scan() {
+					lines <- sc.Text()
+				}
+			}()
+			next := func() string {
+				select {
+				case l, ok := <-lines:
+					if !ok {
+						t.Fatalf("curl ended: %s", stderr.String())
+					}
+					return l
+				case <-time.After(5 * time.Second):
+					t.Fatal("curl printed nothing for 5s")
+				}
+				return ""
+			}
+			b.request(t)
+			if l := next(); !strings.HasPrefix(l, ":") || len(l)+1 < 2048 {
+				t.Fatalf("first line (%d bytes) %.40q... is not the padding", len(l), l)
+			}
+			for i := range 5 {
+				b.send(t, fmt.Sprintf("data: event %d\n\n", i))
+				if l := next(); l != fmt.Sprintf("data: event %d", i) {
+					t.Fatalf("curl printed %q", l)
+				}
+				if l := next(); l != "" {
+					t.Fatalf("curl printed %q", l)
+				}
+			}
+			hdr, _ := os.ReadFile(headers)
+			if !bytes.Contains(bytes.ToLower(hdr), []byte("content-encoding: "+enc)) {
+				t.Fatalf("curl saw the headers:\n%s", hdr)
+			}
+			b.end(t)
+			if err := cmd.Wait(); err != nil {
+				t.Fatalf("curl: %v: %s", err, stderr.String())
+			}
+		})
+	}
+}
+
+// A client that leaves mid-stream ends the stream and releases its encoder.
+func TestCompressedClientLeaves(t *testing.T) {
+	for _, enc := range []string{"gzip", "zstd"} {
+		t.Run(enc, func(t *testing.T) {
+			checkNoLeak(t)
+			b := newScriptedBackend(t)
+			base := startCaddy(t, route("/events", sseHandler(map[string]any{"heartbeat": "1s"}), proxyTo(b.Addr)))
+			c := openDecoding(t, base+"/events", true, enc)
+			b.request(t)
+			b.send(t, "data: one\n\n")
+			c.close()
+			// The backend keeps writing into a stream nobody reads.
+			ev := []byte("data: " + strings.Repeat("y", 1000) + "\n\n")
+			deadline := time.After(10 * time.Second)
+			for {
+				select {
+				case b.writes <- backendWrite{data: ev}:
+					continue
+				case <-b.done:
+				case <-deadline:
+					t.Fatal("stream still running after the client left")
+				}
+				break
+			}
+			waitNoLiveEncoders(t)
+		})
+	}
+}
+
+// A client that stops reading is dropped after write_timeout even when the
+// write that blocks is a compressor flush.
+func TestCompressedClientThatStopsReadingIsDropped(t *testing.T) {
+	for _, enc := range []string{"gzip", "zstd"} {
+		t.Run(enc, func(t *testing.T) {
+			checkNoLeak(t)
+			b := newScriptedBackend(t)
+			base := startCaddy(t, route("/events", sseHandler(map[string]any{"write_timeout": "1s", "heartbeat": 0}), proxyTo(b.Addr)))
+			conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.(*net.TCPConn).SetReadBuffer(4096)
+			fmt.Fprintf(conn, "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAccept-Encoding: %s\r\n\r\n", enc)
+			b.request(t)
+			// Incompressible events, so the socket buffers fill.
+			r := rand.New(rand.NewPCG(2, 2))
+			noise := make([]byte, 48<<10)
+			for i := range noise {
+				noise[i] = byte('A' + r.IntN(26))
+			}
+			ev := "data: " + string(noise) + "\n\n"
+			deadline := time.Now().Add(20 * time.Second)
+			for {
+				select {
+				case b.writes <- backendWrite{data: []byte(ev)}:
+				case <-b.done:
+					waitNoLiveEncoders(t)
+					return // the stream ended: the stuck client was dropped
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("a client that never reads was not dropped")
+				}
+			}
+		})
+	}
+}
+
+// failingWriter is a ResponseWriter whose writes fail after limit bytes.
+type failingWriter struct {
+	header  http.Header
+	n       int
+	limit   int
+	flushes int
+}
+
+var errWriteFailed = errors.New("write failed")
+
+func (w *failingWriter) Header() http.Header { return w.header }
+func (w *failingWriter) WriteHeader(int)     {}
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if w.n+len(p) > w.limit {
+		return 0, errWriteFailed
+	}
+	w.n += len(p)
+	return len(p), nil
+}
+func (w *failingWriter) Flush() { w.flushes++ }
+
+// An encoder whose output cannot be written reports it on every later
+// call, and is released without writing a trailer.
+func TestEncoderErrorEndsTheConnection(t *testing.T) {
+	for _, enc := range []string{"gzip", "zstd"} {
+		t.Run(enc, func(t *testing.T) {
+			before := liveEncoders.Load()
+			w := &failingWriter{header: http.Header{}, limit: 100}
+			c := newClientConn(w, time.Second)
+			if err := c.compress(enc); err != nil {
+				t.Fatal(err)
+			}
+			now := time.Now()
+			if err := c.writeFlush(now, []byte("data: small\n\n")); err != nil {
+				t.Fatalf("first event: %v", err)
+			}
+			noise := wantPrelude(t, enc, 2048, 0) // incompressible: more than the limit
+			err := c.writeFlush(now, []byte(noise))
+			if !errors.Is(err, errWriteFailed) {
+				t.Fatalf("flush error %v, want the write error", err)
+			}
+			if err := c.writeFlush(now, []byte("data: after\n\n")); err == nil {
+				t.Fatal("a broken encoder accepted more")
+			}
+			n := w.n
+			c.endEncoding(false)
+			if w.n != n {
+				t.Fatal("a trailer was written for a failed stream")
+			}
+			if c.enc != nil || liveEncoders.Load() != before {
+				t.Fatalf("encoder not released (%d live)", liveEncoders.Load()-before)
+			}
+			c.endEncoding(true) // idempotent
+		})
+	}
+}
+
+// Several writes and one flush (a fan-out client draining a backlog) give
+// one sync flush, and the result decodes to all of it.
+func TestClientConnBacklogOneSyncFlush(t *testing.T) {
+	for _, enc := range []string{"gzip", "zstd"} {
+		t.Run(enc, func(t *testing.T) {
+			var wire bytes.Buffer
+			w := &recordingWriter{header: http.Header{}, buf: &wire}
+			c := newClientConn(w, 0)
+			if err := c.compress(enc); err != nil {
+				t.Fatal(err)
+			}
+			var want bytes.Buffer
+			now := time.Now()
+			for i := range 50 {
+				ev := fmt.Sprintf("id: %d\ndata: {\"backlog\": %d}\n\n", i, i)
+				want.WriteString(ev)
+				if err := c.write(now, []byte(ev)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := c.flush(); err != nil {
+				t.Fatal(err)
+			}
+			if w.flushes != 1 {
+				t.Fatalf("%d flushes", w.flushes)
+			}
+			if got := decodePrefix(t, enc, wire.Bytes(), want.Len()); got != want.String() {
+				t.Fatalf("decoded %q", tail(got))
+			}
+			c.endEncoding(true)
+			if got := decodeAll(t, enc, wire.Bytes()); got != want.String() {
+				t.Fatalf("decoded %q after the end", tail(got))
+			}
+		})
+	}
+}
+
+type recordingWriter struct {
+	header  http.Header
+	buf     *bytes.Buffer
+	flushes int
+}
+
+func (w *recordingWriter) Header() http.Header         { return w.header }
+func (w *recordingWriter) WriteHeader(int)             {}
+func (w *recordingWriter) Write(p []byte) (int, error) { return w.buf.Write(p) }
+func (w *recordingWriter) Flush()                      { w.flushes++ }
+
+// decodePrefix decodes a stream that is not finished, up to the last
+// flush, and returns it once it has len(want) bytes (or the decoder fails):
+// the decoder must not need any byte after the flush.
+func decodePrefix(t testing.TB, enc string, wire []byte, want int) string {
+	t.Helper()
+	pr, pw := io.Pipe()
+	go pw.Write(wire) // the pipe stays open: nothing follows the flush yet
+	defer pw.Close()
+	result := make(chan string, 1)
+	go func() {
+		var dec io.Reader = pr
+		switch enc {
+		case "gzip":
+			zr, err := gzip.NewReader(pr)
+			if err != nil {
+				result <- "error: " + err.Error()
+				return
+			}
+			dec = zr
+		case "zstd":
+			zr, err := zstd.NewReader(pr, zstd.WithDecoderConcurrency(1))
+			if err != nil {
+				result <- "error: " + err.Error()
+				return
+			}
+			defer zr.Close()
+			dec = zr
+		}
+		var out bytes.Buffer
+		buf := make([]byte, 1<<16)
+		for out.Len() < want {
+			n, err := dec.Read(buf)
+			out.Write(buf[:n])
+			if err != nil {
+				break
+			}
+		}
+		result <- out.String()
+	}()
+	select {
+	case got := <-result:
+		return got
+	case <-time.After(5 * time.Second):
+		pw.CloseWithError(io.ErrUnexpectedEOF)
+		return "(decoder stuck) " + <-result
+	}
+}
+
+func decodeAll(t testing.TB, enc string, wire []byte) string {
+	t.Helper()
+	var dec io.Reader
+	switch enc {
+	case "gzip":
+		zr, err := gzip.NewReader(bytes.NewReader(wire))
+		if err != nil {
+			t.Fatal(err)
+		}
+		dec = zr
+	case "zstd":
+		zr, err := zstd.NewReader(bytes.NewReader(wire))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer zr.Close()
+		dec = zr
+	}
+	out, err := io.ReadAll(dec)
+	if err != nil {
+		t.Fatalf("decoding %s: %v", enc, err)
+	}
+	return string(out)
+}
+
+// Guard: the JSON field name as documented.
+func TestCompressJSON(t *testing.T) {
+	var h Handler
+	if err := json.Unmarshal([]byte(`{"compress": ["gzip"]}`), &h); err != nil || fmt.Sprint(h.Compress) != "[gzip]" {
+		t.Fatalf("%v %q", err, h.Compress)
+	}
+}
+
+// Benchmarks. Figures and commands: docs/compression.md.
+
+// realisticEvents are n order-update events of ~190 bytes: JSON with a
+// stable shape, random ids and amounts, rising timestamps.
+func realisticEvents(n int) [][]byte {
+	r := rand.New(rand.NewPCG(1, 2))
+	statuses := []string{"pending", "paid", "shipped", "delivered", "cancelled"}
+	const alnum = "abcdefghijklmnopqrstuvwxyz0123456789"
+	word := func(k int) string {
+		b := make([]byte, k)
+		for i := range b {
+			b[i] = alnum[r.IntN(len(alnum))]
+		}
+		return string(b)
+	}
+	ts := time.Date(2025, 5, 1, 12, 0, 0, 0, time.UTC)
+	events := make([][]byte, n)
+	for i := range events {
+		ts = ts.Add(time.Duration(r.IntN(2000)) * time.Millisecond)
+		events[i] = fmt.Appendf(nil, "id: %d\nevent: order.updated\ndata: {\"id\":\"ord_%s\",\"customer\":\"cus_%s\",\"status\":%q,\"amount\":%d,\"currency\":\"EUR\",\"items\":%d,\"ts\":%q,\"seq\":%d}\n\n",
+			1000+i, word(10), word(8), statuses[r.IntN(len(statuses))], 100+r.IntN(99900), 1+r.IntN(9), ts.Format(time.RFC3339Nano), 1000+i)
+	}
+	return events
+}
+
+// encodeHandler is Caddy's encode handler with the given encodings.
+func encodeHandler(encodings ...string) string {
+	m := map[string]any{}
+	for _, e := range encodings {
+		m[e] = map[string]any{}
+	}
+	b, _ := json.Marshal(map[string]any{"handler": "encode", "encodings": m, "prefer": encodings})
+	return string(b)
+}
+
+// idleBackend answers every request with warm-up events, a "ready" event,
+// and then nothing until the client leaves.
+func idleBackend(t testing.TB, warm [][]byte) string {
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		rc := http.NewResponseController(w)
+		for _, ev := range warm {
+			w.Write(ev)
+			rc.Flush()
+		}
+		io.WriteString(w, "event: ready\ndata: x\n\n")
+		rc.Flush()
+		<-r.Context().Done()
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
+}
+
+// idleClient opens a stream, decodes it until the "ready" event, then drops
+// its decoder and only keeps reading (so that it holds no decoder memory).
+func idleClient(tr *http.Transport, url, acceptEncoding string, ready chan<- error) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		req.Header.Set("Accept", "text/event-stream")
+		if acceptEncoding != "" {
+			req.Header.Set("Accept-Encoding", acceptEncoding)
+		}
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			ready <- err
+			return
+		}
+		defer resp.Body.Close()
+		err = func() error {
+			var dec io.Reader = resp.Body
+			switch ce := resp.Header.Get("Content-Encoding"); ce {
+			case "":
+			case "gzip":
+				zr, err := gzip.NewReader(resp.Body)
+				if err != nil {
+					return err
+				}
+				dec = zr
+			case "zstd":
+				zr, err := zstd.NewReader(resp.Body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+				if err != nil {
+					return err
+				}
+				defer zr.Close()
+				dec = zr
+			default:
+				return fmt.Errorf("Content-Encoding %q", ce)
+			}
+			if want := acceptEncoding; want != "" && resp.Header.Get("Content-Encoding") != want {
+				return fmt.Errorf("Content-Encoding %q, want %q", resp.Header.Get("Content-Encoding"), want)
+			}
+			var got []byte
+			buf := make([]byte, 4096)
+			for !bytes.Contains(got, []byte("event: ready\n")) {
+				n, err := dec.Read(buf)
+				got = append(got, buf[:n]...)
+				if err != nil {
+					return err
+				}
+			}
+			return nil
+		}()
+		ready <- err
+		if err != nil {
+			return
+		}
+		var small [512]byte
+		for {
+			if _, err := resp.Body.Read(small[:]); err != nil {
+				return
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+// liveMemory is the live heap after GC and the goroutine stacks.
+func liveMemory() (heap, stack uint64) {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc, m.StackInuse
+}
+
+// BenchmarkIdleStreamMemory holds N idle streams open through a real Caddy
+// and reports the memory of the whole process (heap after GC plus stacks)
+// per stream: Caddy, backend and client alike, so only differences between
+// the variants mean something. Each stream got 20 events before going idle.
+func BenchmarkIdleStreamMemory(b *testing.B) {
+	const n = 200
+	warm := realisticEvents(20)
+	variants := []struct {
+		name, handler, ae string
+	}{
+		{"sse/identity", sseHandler(nil), ""},
+		{"sse/gzip", sseHandler(nil), "gzip"},
+		{"sse/zstd", sseHandler(nil), "zstd"},
+		{"encode/identity", encodeHandler("zstd", "gzip"), ""},
+		{"encode/gzip", encodeHandler("zstd", "gzip"), "gzip"},
+		{"encode/zstd", encodeHandler("zstd", "gzip"), "zstd"},
+	}
+	results := map[string]float64{}
+	for _, v := range variants {
+		b.Run(v.name, func(b *testing.B) {
+			backend := idleBackend(b, warm)
+			base := startCaddy(b, route("/events", v.handler, proxyTo(backend)))
+			tr := &http.Transport{DisableCompression: true, MaxIdleConnsPerHost: -1}
+			defer tr.CloseIdleConnections()
+			// One stream first, so lazily built things are not counted.
+			ready := make(chan error, n+1)
+			stopFirst := idleClient(tr, base+"/events", v.ae, ready)
+			if err := <-ready; err != nil {
+				b.Fatal(err)
+			}
+			heap0, stack0 := liveMemory()
+			stops := make([]func(), n)
+			for i := range stops {
+				stops[i] = idleClient(tr, base+"/events", v.ae, ready)
+			}
+			for range n {
+				if err := <-ready; err != nil {
+					b.Fatal(err)
+				}
+			}
+			heap1, stack1 := liveMemory()
+			heap := float64(int64(heap1-heap0)) / n
+			stack := float64(int64(stack1-stack0)) / n
+			results[v.name] = heap + stack
+			b.ReportMetric((heap+stack)/1024, "KiB/stream")
+			b.ReportMetric(heap/1024, "heap-KiB/stream")
+			b.ReportMetric(stack/1024, "stack-KiB/stream")
+			for range b.N {
+			}
+			for _, stop := range append(stops, stopFirst) {
+				stop()
+			}
+		})
+	}
+	if len(results) == len(variants) {
+		for _, v := range variants[1:] {
+			if v.ae == "" {
+				continue
+			}
+			mode, _, _ := strings.Cut(v.name, "/")
+			b.Logf("%-12s %7.0f KiB/stream, %+7.0f KiB over %s/identity", v.name, results[v.name]/1024, (results[v.name]-results[mode+"/identity"])/1024, mode)
+		}
+	}
+}
+
+// BenchmarkCompressionRatio sends 1000 realistic events one by one through
+// a real Caddy, each flushed and decoded by the client before the next, and
+// reports the bytes on the wire per plain byte.
+func BenchmarkCompressionRatio(b *testing.B) {
+	events := realisticEvents(1000)
+	plain := 0
+	for _, ev := range events {
+		plain += len(ev)
+	}
+	quiet := map[string]any{"padding": 0, "heartbeat": 0}
+	for _, v := range []struct {
+		name, handler, ae string
+	}{
+		{"sse/identity", sseHandler(quiet), ""},
+		{"sse/gzip", sseHandler(quiet), "gzip"},
+		{"sse/zstd", sseHandler(quiet), "zstd"},
+		{"encode/gzip", encodeHandler("gzip"), "gzip"},
+		{"encode/zstd", encodeHandler("zstd"), "zstd"},
+	} {
+		b.Run(v.name, func(b *testing.B) {
+			backend := newScriptedBackend(b)
+			base := startCaddy(b, route("/events", v.handler, proxyTo(backend.Addr)))
+			c := openDecoding(b, base+"/events", false, v.ae)
+			if ce := c.Resp.Header.Get("Content-Encoding"); ce != v.ae {
+				b.Fatalf("Content-Encoding %q", ce)
+			}
+			sent := 0
+			for _, ev := range events {
+				backend.send(b, string(ev))
+				sent += len(ev)
+				c.waitDecoded(b, sent)
+			}
+			got, raw := c.state()
+			if got != string(bytes.Join(events, nil)) {
+				b.Fatal("decoded stream differs")
+			}
+			b.ReportMetric(float64(raw)/float64(plain), "wire/plain")
+			b.ReportMetric(float64(raw)/float64(len(events)), "wireB/event")
+			for range b.N {
+			}
+		})
+	}
+}
+
+// waitDecoded waits until n bytes are decoded.
+func (c *decodingClient) waitDecoded(t testing.TB, n int) {
+	t.Helper()
+	deadline := time.After(5 * time.Second)
+	for {
+		c.mu.Lock()
+		got := c.plain.Len()
+		c.mu.Unlock()
+		if got >= n {
+			return
+		}
+		select {
+		case <-c.more:
+		case <-c.done:
+			t.Fatalf("stream ended (%v) after %d of %d bytes", c.err, got, n)
+		case <-deadline:
+			t.Fatalf("%d of %d bytes decoded after 5s", got, n)
+		}
+	}
+}
+
+// countingResponseWriter is a ResponseWriter that counts what it is given.
+type countingResponseWriter struct {
+	header http.Header
+	n      int
+}
+
+func (w *countingResponseWriter) Header() http.Header         { return w.header }
+func (w *countingResponseWriter) WriteHeader(int)             {}
+func (w *countingResponseWriter) Write(p []byte) (int, error) { w.n += len(p); return len(p), nil }
+func (w *countingResponseWriter) Flush()                      {}
+
+// BenchmarkEventCPU is the CPU the plugin spends per event on the client
+// side of a stream (write and flush of one ~190 B event, no socket), with
+// compression off and on, and what Caddy's encode encoders spend for the
+// same (its defaults: gzip level 5, zstd default level with a 128 KiB
+// window), plus the bytes each puts on the wire per event.
+func BenchmarkEventCPU(b *testing.B) {
+	events := realisticEvents(1000)
+	for _, name := range []string{"identity", "gzip", "zstd", "encode-gzip", "encode-zstd"} {
+		b.Run(name, func(b *testing.B) {
+			w := &countingResponseWriter{header: http.Header{}}
+			c := newClientConn(w, 0)
+			switch name {
+			case "gzip", "zstd":
+				if err := c.compress(name); err != nil {
+					b.Fatal(err)
+				}
+				defer c.endEncoding(false)
+			case "encode-gzip":
+				zw, _ := kgzip.NewWriterLevel(w, 5)
+				c.enc = caddyEncoder{zw}
+			case "encode-zstd":
+				zw, _ := zstd.NewWriter(w, zstd.WithWindowSize(128<<10), zstd.WithEncoderConcurrency(1),
+					zstd.WithZeroFrames(true), zstd.WithEncoderLevel(zstd.SpeedDefault))
+				c.enc = caddyEncoder{zw}
+			}
+			now := time.Now()
+			plain := 0
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				ev := events[i%len(events)]
+				if err := c.writeFlush(now, ev); err != nil {
+					b.Fatal(err)
+				}
+				plain += len(ev)
+				i++
+			}
+			b.ReportMetric(float64(w.n)/float64(i), "wireB/event")
+			b.ReportMetric(float64(w.n)/float64(plain), "wire/plain")
+		})
+	}
+}
+
+// caddyEncoder adapts a Caddy encode.Encoder (what encode keeps per stream)
+// to encoder, for BenchmarkEventCPU.
+type caddyEncoder struct{ flushWriteCloser }
+
+type flushWriteCloser interface {
+	io.WriteCloser
+	Flush() error
+}
+
+func (caddyEncoder) release() {}
