@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -81,15 +82,14 @@ func encodingIndex(enc string) int {
 // known in advance are resolved once, so that counting costs one atomic
 // add. A nil *sseMetrics (no registry) counts nothing.
 type sseMetrics struct {
-	streamsActive [numModes]prometheus.Gauge
-	clientsActive [numModes]prometheus.Gauge
-	events        [numModes]prometheus.Counter
-	heartbeats    [numModes]prometheus.Counter
-	slowClients   [numModes]prometheus.Counter
-	bytesWire     [numModes][len(encodings)]prometheus.Counter
-	bytesRaw      [numModes][len(encodings)]prometheus.Counter
-	bytesWireVec  *prometheus.CounterVec // for an encoding not in encodings
-	bytesRawVec   *prometheus.CounterVec
+	active       *activeCollector
+	events       [numModes]prometheus.Counter
+	heartbeats   [numModes]prometheus.Counter
+	slowClients  [numModes]prometheus.Counter
+	bytesWire    [numModes][len(encodings)]prometheus.Counter
+	bytesRaw     [numModes][len(encodings)]prometheus.Counter
+	bytesWireVec *prometheus.CounterVec // for an encoding not in encodings
+	bytesRawVec  *prometheus.CounterVec
 
 	replaysServed  prometheus.Counter
 	replaysMissed  prometheus.Counter
@@ -111,9 +111,6 @@ func newMetrics(reg prometheus.Registerer) (*sseMetrics, error) {
 	}
 	const ns, sub = "caddy", "sse"
 	var errs []error
-	gaugeVec := func(name, help string, labels ...string) *prometheus.GaugeVec {
-		return register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help}, labels), &errs)
-	}
 	counterVec := func(name, help string, labels ...string) *prometheus.CounterVec {
 		return register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help}, labels), &errs)
 	}
@@ -121,12 +118,12 @@ func newMetrics(reg prometheus.Registerer) (*sseMetrics, error) {
 		return register(reg, prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help}), &errs)
 	}
 
-	streams := gaugeVec("streams_active", "Event streams open: one per client in pass-through mode, one per shared upstream (hub) in fan-out mode.", "mode")
-	clients := gaugeVec("clients_active", "Clients receiving an event stream.", "mode")
+	active := register(reg, newActiveCollector(ns, sub), &errs)
 	events := counterVec("events_total", "Events written to clients (an event sent to n clients counts n).", "mode")
 	heartbeats := counterVec("heartbeats_total", "Heartbeat comments written to clients.", "mode")
 	slow := counterVec("slow_clients_total", "Clients cut off because they did not read their stream within write_timeout.", "mode")
 	m := &sseMetrics{
+		active:       active,
 		bytesWireVec: counterVec("bytes_written_total", "Bytes of event streams written to clients, after compression.", "mode", "encoding"),
 		bytesRawVec:  counterVec("bytes_uncompressed_total", "Bytes of event streams written to clients, before compression.", "mode", "encoding"),
 	}
@@ -141,8 +138,6 @@ func newMetrics(reg prometheus.Registerer) (*sseMetrics, error) {
 
 	for mode := range numModes {
 		l := mode.String()
-		m.streamsActive[mode] = streams.WithLabelValues(l)
-		m.clientsActive[mode] = clients.WithLabelValues(l)
 		m.events[mode] = events.WithLabelValues(l)
 		m.heartbeats[mode] = heartbeats.WithLabelValues(l)
 		m.slowClients[mode] = slow.WithLabelValues(l)
@@ -173,33 +168,76 @@ func register[C prometheus.Collector](reg prometheus.Registerer, c C, errs *[]er
 	return c
 }
 
-// --- Streams and clients (both modes) ---
+// --- Active streams and clients ---
 
-// streamOpened counts a stream (pass-through) or hub (fan-out) as open;
-// streamClosed undoes it. Call each exactly once per stream or hub.
-func (m *sseMetrics) streamOpened(mode streamMode) {
-	if m != nil {
-		m.streamsActive[mode].Inc()
+// activeCollector reports caddy_sse_streams_active and
+// caddy_sse_clients_active when scraped: pass-through streams (one client
+// each) from a count kept as they start and end, fan-out hubs and their
+// clients by counting the hubs at that moment. Hubs outlive the config
+// (and registry) that made them, so a count kept per registry would lose
+// them at a reload.
+type activeCollector struct {
+	streams, clients *prometheus.Desc
+	passthrough      atomic.Int64
+}
+
+func newActiveCollector(ns, sub string) *activeCollector {
+	return &activeCollector{
+		streams: prometheus.NewDesc(prometheus.BuildFQName(ns, sub, "streams_active"),
+			"Event streams open: one per client in pass-through mode, one per shared upstream (hub) in fan-out mode.", []string{"mode"}, nil),
+		clients: prometheus.NewDesc(prometheus.BuildFQName(ns, sub, "clients_active"),
+			"Clients receiving an event stream.", []string{"mode"}, nil),
 	}
 }
 
-func (m *sseMetrics) streamClosed(mode streamMode) {
+func (c *activeCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.streams
+	ch <- c.clients
+}
+
+func (c *activeCollector) Collect(ch chan<- prometheus.Metric) {
+	pt := float64(c.passthrough.Load())
+	hubCount, hubClients := fanoutActive()
+	ch <- prometheus.MustNewConstMetric(c.streams, prometheus.GaugeValue, pt, modePassthrough.String())
+	ch <- prometheus.MustNewConstMetric(c.clients, prometheus.GaugeValue, pt, modePassthrough.String())
+	ch <- prometheus.MustNewConstMetric(c.streams, prometheus.GaugeValue, float64(hubCount), modeFanout.String())
+	ch <- prometheus.MustNewConstMetric(c.clients, prometheus.GaugeValue, float64(hubClients), modeFanout.String())
+}
+
+// fanoutActive counts the live fan-out hubs (lingering ones included: they
+// hold an upstream) and their clients. The pool's lock is released before
+// each hub's is taken.
+func fanoutActive() (hubCount, clients int) {
+	var list []*hub
+	hubs.Range(func(_, v any) bool {
+		if hb, ok := v.(*hub); ok {
+			list = append(list, hb)
+		}
+		return true
+	})
+	for _, hb := range list {
+		hb.mu.Lock()
+		if !hb.destroyed {
+			hubCount++
+			clients += hb.clients
+		}
+		hb.mu.Unlock()
+	}
+	return hubCount, clients
+}
+
+// passthroughStarted counts a pass-through stream (and its client) as
+// open; passthroughEnded undoes it. Fan-out hubs and clients need no
+// calls: they are counted when scraped.
+func (m *sseMetrics) passthroughStarted() {
 	if m != nil {
-		m.streamsActive[mode].Dec()
+		m.active.passthrough.Add(1)
 	}
 }
 
-// clientConnected counts a client as receiving a stream;
-// clientDisconnected undoes it. Call each exactly once per client.
-func (m *sseMetrics) clientConnected(mode streamMode) {
+func (m *sseMetrics) passthroughEnded() {
 	if m != nil {
-		m.clientsActive[mode].Inc()
-	}
-}
-
-func (m *sseMetrics) clientDisconnected(mode streamMode) {
-	if m != nil {
-		m.clientsActive[mode].Dec()
+		m.active.passthrough.Add(-1)
 	}
 }
 
@@ -313,8 +351,7 @@ type streamObs struct {
 // observeStart counts a stream that was accepted (added to the streamSet).
 func (s *stream) observeStart() {
 	s.obs.counted = true
-	s.h.metrics.streamOpened(modePassthrough)
-	s.h.metrics.clientConnected(modePassthrough)
+	s.h.metrics.passthroughStarted()
 }
 
 // observeEnd undoes observeStart, once, and counts the last wire bytes
@@ -325,8 +362,7 @@ func (s *stream) observeEnd() {
 		return
 	}
 	s.obs.counted = false
-	s.h.metrics.streamClosed(modePassthrough)
-	s.h.metrics.clientDisconnected(modePassthrough)
+	s.h.metrics.passthroughEnded()
 }
 
 // observeEvent records the event the scanner just completed.

@@ -386,7 +386,7 @@ func TestMetricsRegistryPerConfig(t *testing.T) {
 	// No registry, no metrics, no panic.
 	var none *sseMetrics
 	none.eventsForwarded(modePassthrough, 1)
-	none.streamOpened(modeFanout)
+	none.passthroughStarted()
 	none.replayServed(1)
 }
 
@@ -397,4 +397,35 @@ func gatherText(t testing.TB, reg *prometheus.Registry) []byte {
 	promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.PanicOnError}).
 		ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	return rec.Body.Bytes()
+}
+
+// Fan-out hubs and their clients are counted when /metrics is scraped
+// (hubs outlive the config that made them): one hub, two clients, then
+// nothing once the clients left (linger 0).
+func TestMetricsFanoutActive(t *testing.T) {
+	checkNoLeak(t)
+	b := newScriptedBackend(t)
+	oc := startObservedCaddy(t, route("/events",
+		sseHandler(map[string]any{"padding": 0, "heartbeat": 0, "compress": []string{"off"},
+			"fanout": map[string]any{"linger": 0}}), proxyTo(b.Addr)))
+	fo := []string{"mode", "fanout"}
+	oc.waitMetricEq(t, 0, "caddy_sse_streams_active", fo...)
+
+	c1 := openStream(t, oc.Base+"/events", false)
+	b.request(t)
+	c2 := openStream(t, oc.Base+"/events", false)
+	oc.waitMetricEq(t, 1, "caddy_sse_streams_active", fo...)
+	oc.waitMetricEq(t, 2, "caddy_sse_clients_active", fo...)
+	oc.waitMetricEq(t, 0, "caddy_sse_streams_active", "mode", "passthrough")
+	b.send(t, "data: shared\n\n")
+	for _, c := range []*client{c1, c2} {
+		c.waitFor(t, 5*time.Second, "the shared event", func(b []byte) bool { return bytes.Contains(b, []byte("data: shared\n")) })
+	}
+
+	c1.close()
+	oc.waitMetricEq(t, 1, "caddy_sse_clients_active", fo...)
+	c2.close()
+	oc.waitMetricEq(t, 0, "caddy_sse_clients_active", fo...)
+	oc.waitMetricEq(t, 0, "caddy_sse_streams_active", fo...)
+	b.handlerReturned(t, 5*time.Second)
 }
