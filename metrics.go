@@ -32,8 +32,8 @@ import (
 //	caddy_sse_slow_clients_total{mode}              counter  clients cut off for not reading in time
 //	caddy_sse_clients_refused_total{limit}          counter  clients refused by a configured limit
 //
-// Label values: mode is passthrough or fanout; encoding is identity, gzip,
-// zstd or br; result is served or missed; attempt is first or reconnect;
+// Label values: mode is passthrough or fanout; encoding is identity, gzip
+// or zstd; result is served or missed; attempt is first or reconnect;
 // limit is the name of the configuration field whose limit was reached.
 
 // streamMode is how a handler serves a stream: each client its own
@@ -53,15 +53,16 @@ func (m streamMode) String() string {
 	return "passthrough"
 }
 
-// Content codings of the stream written to clients, as label values.
+// Content codings of the stream written to clients, as label values;
+// their series exist from the start. Another coding (br, if the plugin
+// ever writes it) gets its series when first counted.
 const (
 	encIdentity = "identity"
 	encGzip     = "gzip"
 	encZstd     = "zstd"
-	encBrotli   = "br"
 )
 
-var encodings = [...]string{encIdentity, encGzip, encZstd, encBrotli}
+var encodings = [...]string{encIdentity, encGzip, encZstd}
 
 func encodingIndex(enc string) int {
 	switch enc {
@@ -71,8 +72,6 @@ func encodingIndex(enc string) int {
 		return 1
 	case encZstd:
 		return 2
-	case encBrotli:
-		return 3
 	}
 	return -1
 }

@@ -289,14 +289,42 @@ class Panel {
   }
 }
 
-// The "live figures" area: the plugin's admin endpoint, raw.
+// The "live figures" area: the plugin's admin endpoint (GET /sse/streams,
+// see docs/admin.md), one line per live stream, then the raw JSON.
+function figuresTable(streams) {
+  if (streams.length === 0) return 'no live stream';
+  const cols = [
+    ['mode', (s) => s.mode],
+    ['path', (s) => s.path || ''],
+    ['key', (s) => s.key],
+    ['clients', (s) => String(s.clients)],
+    ['upstream', (s) => s.upstream],
+    ['uptime', (s) => fmtSec(s.uptime_seconds * 1000)],
+    ['events', (s) => String(s.events)],
+    ['bytes', (s) => fmtBytes(s.bytes)],
+    ['encoding', (s) => s.encoding || ''],
+    ['last id', (s) => s.last_event_id || '\u2013'],
+    ['cache', (s) => (s.mode === 'fanout' ? `${s.cache_events} ev / ${fmtBytes(s.cache_bytes)}` : '\u2013')],
+    ['reconnects', (s) => String(s.reconnects)],
+  ];
+  const rows = [cols.map(([h]) => h), ...streams.map((s) => cols.map(([, f]) => f(s)))];
+  const widths = cols.map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  const line = (r) => r.map((v, i) => v.padEnd(widths[i])).join('  ').trimEnd();
+  const clients = streams.reduce((n, s) => n + s.clients, 0);
+  return `${streams.length} live stream${streams.length === 1 ? '' : 's'}, ${clients} client${clients === 1 ? '' : 's'}\n\n` +
+    rows.map(line).join('\n');
+}
+
 async function pollFigures() {
   const pre = document.getElementById('figures-streams');
   try {
     const resp = await fetch('/admin/sse/streams', { cache: 'no-store' });
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     const text = await resp.text();
-    try { pre.textContent = JSON.stringify(JSON.parse(text), null, 2); } catch { pre.textContent = text; }
+    try {
+      const data = JSON.parse(text);
+      pre.textContent = figuresTable(data.streams || []) + '\n\n' + JSON.stringify(data, null, 2);
+    } catch { pre.textContent = text; }
   } catch (e) {
     pre.textContent = `not available (${e.message || e})`;
   }
