@@ -36,7 +36,8 @@
 //
 // It prints a markdown table (ratios against plain reverse_proxy at the
 // same client count are the headline: absolute figures drift on a shared
-// machine) and with -out DIR writes DIR/<name>.md, .svg and .json. With
+// machine) and with -out DIR writes DIR/<name>.md, .svg and .json (-replot
+// FILE.json writes the .md and .svg of a JSON file again). With
 // -repeat R the proxies take turns R times per client count and each row is
 // the run with the median CPU cost. Events sent during the window count
 // however late they arrive (up to -drain after it), so the delivered share
@@ -139,10 +140,14 @@ func mainErr() (err error) {
 	flag.StringVar(&cfg.name, "name", "", "base name of the -out files (default: stream, idle or burst)")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temp dir with configs and binaries")
 	flag.BoolVar(&cfg.verbose, "v", false, "log progress details")
+	replotFile := flag.String("replot", "", "write the .md and .svg of an earlier -out JSON file again, without measuring")
 	emitOnly := flag.Bool("emit-only", false, "only run the emitter (at -rate, -burst, -size) until interrupted or -timeout, and print its address: for debugging a proxy by hand")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", flag.Args())
+	}
+	if *replotFile != "" {
+		return replot(*replotFile)
 	}
 	if cfg.clients, err = parseInts(clients); err != nil {
 		return fmt.Errorf("-clients: %w", err)
@@ -300,7 +305,7 @@ outer:
 	fmt.Println()
 	writeTable(os.Stdout, results)
 	if cfg.out != "" && len(results) > 0 {
-		if err := writeOutputs(cfg, env, results); err != nil && runErr == nil {
+		if err := writeOutputs(filepath.Join(cfg.out, cfg.name), newReport(cfg, env, results), true); err != nil && runErr == nil {
 			runErr = err
 		}
 	}
@@ -687,19 +692,39 @@ func summary(r result) string {
 	return s
 }
 
-func writeOutputs(cfg config, env string, rs []result) error {
-	if err := os.MkdirAll(cfg.out, 0o755); err != nil {
+// report is what -out writes as JSON, and all that -replot needs to write
+// the markdown and the chart again.
+type report struct {
+	Written  string   `json:"written"` // RFC 3339, UTC
+	Command  string   `json:"command"`
+	Env      string   `json:"environment"`
+	Subtitle string   `json:"chart_subtitle"`
+	Results  []result `json:"results"`
+}
+
+func newReport(cfg config, env string, rs []result) report {
+	return report{
+		Written:  time.Now().UTC().Format(time.RFC3339),
+		Command:  "ssebench " + strings.Join(os.Args[1:], " "),
+		Env:      env,
+		Subtitle: fmt.Sprintf("%s mode, %s window, %s", mode(cfg), cfg.duration, strings.SplitN(env, "\n", 2)[0]),
+		Results:  rs,
+	}
+}
+
+// writeOutputs writes base.md, base.svg and base.json.
+func writeOutputs(base string, rep report, withJSON bool) error {
+	if err := os.MkdirAll(filepath.Dir(base), 0o755); err != nil {
 		return err
 	}
-	base := filepath.Join(cfg.out, cfg.name)
 	var md strings.Builder
-	fmt.Fprintf(&md, "<!-- written by ssebench; %s -->\n\n", time.Now().UTC().Format(time.RFC3339))
-	fmt.Fprintf(&md, "Command: `ssebench %s`\n\n", strings.Join(os.Args[1:], " "))
-	fmt.Fprintf(&md, "%s\n\n", env)
-	writeTable(&md, rs)
+	fmt.Fprintf(&md, "<!-- written by ssebench; %s -->\n\n", rep.Written)
+	fmt.Fprintf(&md, "Command: `%s`\n\n", rep.Command)
+	fmt.Fprintf(&md, "%s\n\n", rep.Env)
+	writeTable(&md, rep.Results)
 	md.WriteString("\nProxies:\n\n")
 	seen := map[string]bool{}
-	for _, r := range rs {
+	for _, r := range rep.Results {
 		if !seen[r.Proxy] {
 			seen[r.Proxy] = true
 			fmt.Fprintf(&md, "- `%s`: %s\n", r.Proxy, proxyDesc[r.Proxy])
@@ -712,23 +737,46 @@ func writeOutputs(cfg config, env string, rs []result) error {
 	if err != nil {
 		return err
 	}
-	sub := fmt.Sprintf("%s mode, %s window, %s", mode(cfg), cfg.duration, strings.SplitN(env, "\n", 2)[0])
-	if err := writeSVG(f, "caddy-sse: proxy cost against clients", sub, panelsFor(rs)); err != nil {
+	if err := writeSVG(f, "caddy-sse: proxy cost against clients", rep.Subtitle, panelsFor(rep.Results)); err != nil {
 		f.Close()
 		return err
 	}
 	if err := f.Close(); err != nil {
 		return err
 	}
-	js, err := json.MarshalIndent(rs, "", "  ")
+	if withJSON {
+		js, err := json.MarshalIndent(rep, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(base+".json", append(js, '\n'), 0o644); err != nil {
+			return err
+		}
+	}
+	if withJSON {
+		logf("wrote %s.md, %s.svg, %s.json", base, base, base)
+	} else {
+		logf("wrote %s.md, %s.svg", base, base)
+	}
+	return nil
+}
+
+// replot writes the markdown and chart of a JSON report again (after a
+// change to the table or chart code, without measuring again).
+func replot(path string) error {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(base+".json", append(js, '\n'), 0o644); err != nil {
-		return err
+	var rep report
+	if err := json.Unmarshal(b, &rep); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
 	}
-	logf("wrote %s.md, %s.svg, %s.json", base, base, base)
-	return nil
+	if len(rep.Results) == 0 {
+		return fmt.Errorf("%s: no results", path)
+	}
+	writeTable(os.Stdout, rep.Results)
+	return writeOutputs(strings.TrimSuffix(path, ".json"), rep, false)
 }
 
 // describeMachine is a short description of where the numbers come from.

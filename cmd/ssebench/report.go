@@ -305,6 +305,28 @@ func writeSVG(w io.Writer, title, subtitle string, panels []panel) error {
 			fmt.Fprintf(&b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#e5e5e5"/>`+"\n", x0, yp(y), x0+iw, yp(y))
 			fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" text-anchor="end" dominant-baseline="middle">%s</text>`+"\n", x0-6, yp(y), fmtTick(y))
 		}
+		fmt.Fprintf(&b, `<text transform="translate(%.1f %.1f) rotate(-90)" text-anchor="middle">%s</text>`+"\n", x0-50, y0+ih/2, esc(p.ylabel))
+		if len(xs) == 1 {
+			// One client count: a line chart would stack dots on one
+			// vertical; draw a bar per series, labelled with its value.
+			fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="none" stroke="#333333"/>`+"\n", x0, y0, iw, ih)
+			fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" text-anchor="middle">%s clients</text>`+"\n", x0+iw/2, y0+ih+16, fmtTick(xs[0]))
+			slot := iw / float64(max(len(p.series), 1))
+			for j, s := range p.series {
+				col := colorOf(s.name, j)
+				for _, pt := range s.pts {
+					if pt.x <= 0 || math.IsNaN(pt.y) || math.IsInf(pt.y, 0) || pt.y < 0 {
+						continue
+					}
+					bx := x0 + slot*float64(j) + slot*0.2
+					fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s: %s %s</title></rect>`+"\n",
+						bx, yp(pt.y), slot*0.6, y0+ih-yp(pt.y), col, esc(s.name), fmtTick(pt.y), esc(p.ylabel))
+					fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" text-anchor="middle">%s</text>`+"\n", bx+slot*0.3, yp(pt.y)-5, fmtTick(pt.y))
+				}
+			}
+			fmt.Fprintf(&b, "</g>\n")
+			continue
+		}
 		// X ticks at each measured client count.
 		for _, x := range xs {
 			fmt.Fprintf(&b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#e5e5e5"/>`+"\n", xp(x), y0, xp(x), y0+ih)
@@ -312,7 +334,6 @@ func writeSVG(w io.Writer, title, subtitle string, panels []panel) error {
 		}
 		fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="none" stroke="#333333"/>`+"\n", x0, y0, iw, ih)
 		fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" text-anchor="middle">clients (log scale)</text>`+"\n", x0+iw/2, y0+ih+34)
-		fmt.Fprintf(&b, `<text transform="translate(%.1f %.1f) rotate(-90)" text-anchor="middle">%s</text>`+"\n", x0-50, y0+ih/2, esc(p.ylabel))
 		for j, s := range p.series {
 			col := colorOf(s.name, j)
 			var pts []string

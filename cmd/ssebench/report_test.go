@@ -97,6 +97,25 @@ func TestWriteSVGDegenerate(t *testing.T) {
 	}
 }
 
+func TestWriteSVGOneClientCountDrawsBars(t *testing.T) {
+	rs := []result{
+		{Proxy: "fanout", Clients: 9000, Mode: "idle", CPUPercent: 2.5, KiBPerConn: 38.8},
+		{Proxy: "reverse_proxy", Clients: 9000, Mode: "idle", CPUPercent: 0, KiBPerConn: 86.7},
+	}
+	var buf bytes.Buffer
+	if err := writeSVG(&buf, "idle", "", panelsFor(rs)); err != nil {
+		t.Fatal(err)
+	}
+	c := wellFormed(t, buf.Bytes())
+	// 2 panels x 2 series bars, plus the background and 2 frames.
+	if c["rect"] != 4+3 || c["polyline"] != 0 {
+		t.Errorf("%d rects, %d polylines; want 7 and 0", c["rect"], c["polyline"])
+	}
+	if !strings.Contains(buf.String(), ">38.8<") {
+		t.Error("bars should be labelled with their values")
+	}
+}
+
 func TestIdlePanels(t *testing.T) {
 	rs := []result{
 		{Proxy: "passthrough", Clients: 10000, Mode: "idle", CPUPercent: 3, KiBPerConn: 20},
