@@ -23,8 +23,8 @@ package caddysse
 //     uses). Small events gain almost nothing from history beyond a few
 //     KiB: wire/plain 0.304 with a 2, 4 or 8 KiB dictionary against 0.281
 //     for encode's level 5 with 32 KiB. The price is CPU: each flush hashes
-//     the dictionary again (~2x encode's CPU per event with 4 KiB; 8 KiB
-//     would cost ~3x for no gain). Only the 10-byte gzip header and the
+//     the dictionary again (~2.4x encode's CPU per event with 4 KiB; 8 KiB
+//     costs more still, for no gain). Only the 10-byte gzip header and the
 //     8-byte trailer (CRC-32 and length, RFC 1952) are written here.
 //   - zstd: klauspost's zstd encoder at SpeedFastest with a 16 KiB window,
 //     the lower-memory option, no concurrency (no goroutines: blocks are
@@ -43,11 +43,13 @@ package caddysse
 // Padding: a comment of spaces compresses to a handful of bytes and no
 // longer pushes a buffering middlebox (which counts the bytes it holds, on
 // the wire). For a compressed stream the padding comment is filled instead
-// with printable ASCII drawn from a fixed-seed PRNG (incompressible: ~6.6
-// bits per character for any entropy coder), generated once per encoding
-// when the handler is provisioned and sized, by compressing it with a fresh
-// encoder of that encoding, so that the compressed prelude (header, padding,
-// retry field) is at least the configured padding size on the wire. An
+// with printable ASCII drawn from a fixed-seed PRNG (no repeats to match,
+// and ~6.6 bits of entropy per byte: both encoders store it as it is),
+// generated once per encoding when the handler is provisioned and sized,
+// by compressing it with a fresh encoder of that encoding, so that the
+// compressed prelude (header, padding, retry field) is at least the
+// configured padding size on the wire: 2 KiB of padding is 2068 bytes of
+// gzip or 2057 of zstd, where 2 KiB of spaces would be 34 or 20. An
 // uncompressed stream keeps its comment of spaces.
 
 import (
