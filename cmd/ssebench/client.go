@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http/httputil"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,6 +50,9 @@ type loadStats struct {
 	lat       histogram
 
 	burst *burstStats // nil unless -burst
+
+	// Content-Encoding of the responses: identity, gzip, zstd, other.
+	encodings [4]atomic.Int64
 
 	errMu    sync.Mutex
 	firstErr string
@@ -227,6 +231,7 @@ func (g *loadGen) client(sem chan struct{}, done chan<- struct{}) {
 		return
 	}
 	c.SetDeadline(time.Time{})
+	s.encodings[encodingIndex(h.encoding)].Add(1)
 	s.connected.Add(1)
 	signal()
 
@@ -268,6 +273,36 @@ func (g *loadGen) closeAll(d time.Duration) {
 	case <-ch:
 	case <-time.After(d):
 	}
+}
+
+var encodingNames = [...]string{"identity", "gzip", "zstd", "other"}
+
+func encodingIndex(enc string) int {
+	switch enc {
+	case "", "identity":
+		return 0
+	case "gzip":
+		return 1
+	case "zstd":
+		return 2
+	}
+	return 3
+}
+
+// encodingSummary names the Content-Encoding the responses had, or lists
+// the mix ("gzip 90, identity 10").
+func (s *loadStats) encodingSummary() string {
+	var parts []string
+	for i, name := range encodingNames {
+		if n := s.encodings[i].Load(); n > 0 {
+			parts = append(parts, fmt.Sprintf("%s %d", name, n))
+		}
+	}
+	if len(parts) == 1 {
+		name, _, _ := strings.Cut(parts[0], " ")
+		return name
+	}
+	return strings.Join(parts, ", ")
 }
 
 type responseHead struct {

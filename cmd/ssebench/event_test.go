@@ -299,3 +299,19 @@ func BenchmarkReadStream(b *testing.B) {
 		b.Fatalf("delivered %d of %d", s.delivered.Load(), b.N)
 	}
 }
+
+func TestEncodingSummary(t *testing.T) {
+	s := newLoadStats()
+	if got := s.encodingSummary(); got != "" {
+		t.Errorf("no responses: %q", got)
+	}
+	s.encodings[encodingIndex("gzip")].Add(3)
+	if got := s.encodingSummary(); got != "gzip" {
+		t.Errorf("all gzip: %q", got)
+	}
+	s.encodings[encodingIndex("")].Add(1)
+	s.encodings[encodingIndex("br")].Add(2)
+	if got := s.encodingSummary(); got != "identity 1, gzip 3, other 2" {
+		t.Errorf("mixed: %q", got)
+	}
+}

@@ -645,6 +645,7 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 		burstSummary(&res, stats.burst, seq0, seq1, live0)
 	}
 	res.Comments = float64(stats.comments.Load()) / float64(max(live0, 1))
+	res.Encoding = stats.encodingSummary()
 	stats.errMu.Lock()
 	res.FirstErr = stats.firstErr
 	stats.errMu.Unlock()
@@ -682,6 +683,9 @@ func summary(r result) string {
 		r.CPUPercent, r.CPUPerEvUs, float64(r.RSS-r.BaseRSS)/(1<<20), r.KiBPerConn, r.GenCPUPct)
 	if r.Mode == "idle" {
 		s += fmt.Sprintf("; %.2f comment lines (heartbeats) per client", r.Comments)
+	}
+	if r.Encoding != "" && r.Encoding != "identity" {
+		s += "; Content-Encoding " + r.Encoding
 	}
 	if r.Bursts > 0 {
 		s += fmt.Sprintf("; bursts: %d, median completion %.1f ms, %.0f deliveries/s", r.Bursts, r.BurstComplete, r.BurstPerSec)

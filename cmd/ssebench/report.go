@@ -17,10 +17,11 @@ type result struct {
 	Mode    string `json:"mode"` // stream, idle or burst
 	Runs    int    `json:"runs"` // repetitions this is the median of
 
-	Connected   int64 `json:"connected"`
-	ConnErrs    int64 `json:"connect_errors"`
-	Disconnects int64 `json:"disconnects"`
-	Upstreams   int64 `json:"upstreams"` // upstream connections open at the end of the window
+	Connected   int64  `json:"connected"`
+	ConnErrs    int64  `json:"connect_errors"`
+	Disconnects int64  `json:"disconnects"`
+	Upstreams   int64  `json:"upstreams"`                  // upstream connections open at the end of the window
+	Encoding    string `json:"content_encoding,omitempty"` // of the responses; a mix is listed with counts
 
 	WindowSec float64 `json:"window_s"`
 	Emitted   uint64  `json:"emitted"`   // events the emitter sent during the window
