@@ -184,9 +184,20 @@ func collectStreams() []streamStatus {
 		}
 		return true
 	})
+	var hubList []*hub
+	hubs.Range(func(_, v any) bool {
+		hubList = append(hubList, v.(*hub))
+		return true
+	})
 	list := []streamStatus{}
 	for _, l := range ls {
 		list = append(list, l.listStreams()...)
+	}
+	// Hubs are listed from their pool, once each, even while two configs
+	// share one during a reload.
+	now := time.Now()
+	for _, hb := range hubList {
+		list = append(list, hb.report(now))
 	}
 	slices.SortStableFunc(list, func(a, b streamStatus) int {
 		return cmp.Or(cmp.Compare(b.UptimeSeconds, a.UptimeSeconds), cmp.Compare(a.Key, b.Key))

@@ -1,6 +1,7 @@
 package caddysse
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -8,7 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -189,6 +192,7 @@ func (h *Handler) hubConfig() hubConfig {
 type hub struct {
 	poolKey string
 	keyHash string // for logs and the admin API: keys can hold credentials
+	path    string // the request path, without its query
 	cfg     hubConfig
 	logger  *zap.Logger
 	created time.Time
@@ -209,6 +213,7 @@ type hub struct {
 	old        *upstream            // the one it replaces, until the new one streams
 	liveGen    uint64               // the upstream whose events are published
 	gens       uint64
+	overlap    [][]byte             // what the replaced upstream published while the new one connected
 	backendIDs bool   // the backend sends ids: resume it with Last-Event-ID
 	lastBackID string // the last id the backend sent
 	retry      time.Duration
@@ -247,11 +252,10 @@ type source struct {
 	added time.Time
 }
 
-func newHub(poolKey, key string, cfg hubConfig, logger *zap.Logger) *hub {
-	sum := sha256.Sum256([]byte(key))
+func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger) *hub {
 	hb := &hub{
 		poolKey: poolKey,
-		keyHash: hex.EncodeToString(sum[:8]),
+		keyHash: keyHash,
 		cfg:     cfg,
 		created: time.Now(),
 		buf:     newMemoryReplay(cfg.limits),
@@ -326,7 +330,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	cfg := h.hubConfig()
 	poolKey := fmt.Sprintf("%v\x00%s", cfg, key)
 	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
-		return newHub(poolKey, key, cfg, h.logger), nil
+		return newHub(poolKey, h.hashKey(key), cfg, h.logger), nil
 	})
 	if err != nil {
 		return err
@@ -357,7 +361,13 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		return h.servePassthrough(w, r, next)
 	}
 	lastID := r.Header.Get("Last-Event-ID")
-	cursor, reset, found := hb.position(lastID, f.ReplayOnConnect)
+	cursor, behind, reset, found := hb.position(lastID, f.ReplayOnConnect)
+	switch {
+	case found:
+		h.metrics.replayServed(int(behind))
+	case lastID != "":
+		h.metrics.replayMissed()
+	}
 	if lastID != "" && !found && f.OnUnknownID == "backend" {
 		leave()
 		return h.servePassthrough(w, r, next)
@@ -365,6 +375,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 
 	copyStreamHeader(w.Header(), header)
 	prepareStreamHeader(w.Header(), r.ProtoMajor)
+	encoding := h.negotiateStream(w.Header(), clientAcceptEncoding(r))
 	sub := &subscriber{ended: make(chan struct{})}
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	if !h.streams.add(sub, srv) {
@@ -372,23 +383,29 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	}
 	defer h.streams.remove(sub)
 
-	out := newClientConn(w, time.Duration(h.WriteTimeout))
+	c := &fanoutClient{hub: hb, cursor: cursor, queue: uint64(f.ClientQueue), sub: sub, h: h,
+		encoding: cmp.Or(encoding, encIdentity)}
+	c.out = newClientConn(wireCounter{ResponseWriter: w, n: &c.wire}, time.Duration(h.WriteTimeout))
+	if encoding != "" {
+		if err := c.out.compress(encoding); err != nil {
+			return err
+		}
+	}
 	w.WriteHeader(status)
-	first := h.prelude
+	first := h.preludeFor(encoding)
 	if reset {
 		first = append(append([]byte(nil), first...), resetEvent(f.ResetEvent, lastID)...)
 		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")
 	}
-	if err := out.writeFlush(time.Now(), first); err != nil {
-		return nil
-	}
-	c := fanoutClient{hub: hb, out: out, cursor: cursor, queue: uint64(f.ClientQueue), sub: sub, h: h}
-	return c.run(r.Context())
+	err = c.run(r.Context(), first)
+	c.out.endEncoding(c.clean)
+	return err
 }
 
 // refuse answers a client past a limit: 503 with Retry-After.
 func (h *Handler) refuse(w http.ResponseWriter, limit string) error {
 	h.logger.Warn("refusing a client: fan-out limit reached", zap.String("limit", limit))
+	h.metrics.clientRefused(limit)
 	retry := max(time.Duration(h.Retry), time.Second)
 	w.Header().Set("Retry-After", strconv.Itoa(int((retry+time.Second-1)/time.Second)))
 	return caddyhttp.Error(http.StatusServiceUnavailable, errTooManyClients)
@@ -434,6 +451,7 @@ func (hb *hub) join(h *Handler, r *http.Request, next caddyhttp.Handler) bool {
 		tmpl.Body = http.NoBody
 		tmpl.Header.Del("Last-Event-ID")
 		hb.sources[h] = &source{next: next, tmpl: tmpl, added: time.Now()}
+		hb.path = r.URL.Path
 		h.Fanout.mu.Lock()
 		h.Fanout.runs[hb] = struct{}{}
 		h.Fanout.mu.Unlock()
@@ -481,32 +499,56 @@ func (hb *hub) waitStream(ctx context.Context) (http.Header, int, bool) {
 // was asked for and not found), minus replayOnConnect for a client that
 // asked for none. Taken under the hub's lock, so nothing is missed or sent
 // twice between the replay and the live stream.
-func (hb *hub) position(lastID string, replayOnConnect int) (cursor uint64, reset, found bool) {
+func (hb *hub) position(lastID string, replayOnConnect int) (cursor, behind uint64, reset, found bool) {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
 	if lastID != "" {
 		if seq, ok := hb.buf.find(lastID); ok {
-			return seq, false, true
+			return seq, hb.seq - seq, false, true
 		}
-		return hb.seq, true, false
+		return hb.seq, 0, true, false
 	}
 	held, _ := hb.buf.stats()
 	back := uint64(min(replayOnConnect, held))
-	return hb.seq - back, false, false
+	return hb.seq - back, back, false, false
 }
 
 // fanoutClient is the delivery loop of one client, run on the client's
 // own request goroutine: no goroutine, timer or queue of its own.
 type fanoutClient struct {
-	hub    *hub
-	h      *Handler
-	out    clientConn
-	sub    *subscriber
-	cursor uint64
-	queue  uint64
+	hub      *hub
+	h        *Handler
+	out      clientConn
+	sub      *subscriber
+	cursor   uint64
+	queue    uint64
+	encoding string
+	wire     int64 // bytes on the wire, counted under the encoder
+	counted  int64 // wire bytes already reported to the metrics
+	clean    bool  // the stream ended on our side, not by a failed write
 }
 
-func (c *fanoutClient) run(ctx context.Context) error {
+// flushed reports a batch of raw bytes and the wire bytes they became.
+func (c *fanoutClient) flushed(raw int) {
+	c.h.metrics.bytesWritten(modeFanout, c.encoding, int(c.wire-c.counted), raw)
+	c.counted = c.wire
+}
+
+// writeFailed reports a client cut off by write_timeout.
+func (c *fanoutClient) writeFailed(err error) error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded) {
+		c.h.metrics.slowClientCut(modeFanout)
+		c.hub.logger.Warn("client did not take a write within write_timeout; disconnecting it")
+	}
+	return nil
+}
+
+func (c *fanoutClient) run(ctx context.Context, first []byte) error {
+	if err := c.out.writeFlush(time.Now(), first); err != nil {
+		return c.writeFailed(err)
+	}
+	c.flushed(len(first))
 	var (
 		batch   []*event
 		beats   uint64
@@ -531,28 +573,36 @@ func (c *fanoutClient) run(ctx context.Context) error {
 		if !ok || (lag > c.queue && lag >= prevLag) {
 			hb.logger.Warn("client fell behind the stream; disconnecting it (it resumes from the cache)",
 				zap.Uint64("behind", lag), zap.Bool("evicted", !ok))
+			c.h.metrics.slowClientCut(modeFanout)
 			return nil
 		}
 		prevLag = lag
 		now := time.Now()
 		switch {
 		case len(batch) > 0:
+			raw := 0
 			for _, ev := range batch {
-				if c.out.write(now, ev.data) != nil {
-					return nil
+				if err := c.out.write(now, ev.data); err != nil {
+					return c.writeFailed(err)
 				}
+				raw += len(ev.data)
 			}
 			c.cursor = batch[len(batch)-1].seq
+			n := len(batch)
 			clear(batch) // hold no evicted event
-			if c.out.flush() != nil {
-				return nil
+			if err := c.out.flush(); err != nil {
+				return c.writeFailed(err)
 			}
+			c.h.metrics.eventsForwarded(modeFanout, n)
+			c.flushed(raw)
 			continue
 		case nowBeats != beats:
 			beats = nowBeats
-			if c.out.writeFlush(now, c.h.heartbeatBytes) != nil {
-				return nil
+			if err := c.out.writeFlush(now, c.h.heartbeatBytes); err != nil {
+				return c.writeFailed(err)
 			}
+			c.h.metrics.heartbeatsSent(modeFanout, 1)
+			c.flushed(len(c.h.heartbeatBytes))
 		case gone:
 			return c.finish(endBackend)
 		}
@@ -572,6 +622,7 @@ func (c *fanoutClient) run(ctx context.Context) error {
 // shutdown a random one between the configured retry (1s when none) and
 // twice that, so that a reload's reconnects do not arrive all at once.
 func (c *fanoutClient) finish(reason endReason) error {
+	c.clean = true
 	hint := c.h.retryHint
 	if reason == endShutdown {
 		base := max(time.Duration(c.h.Retry), time.Second)
@@ -665,6 +716,7 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 			hb.mu.Unlock()
 			return
 		}
+		u.h.metrics.upstreamFailed()
 		if notStream || hb.header == nil {
 			hb.failed = true
 			hb.up = nil
@@ -845,6 +897,7 @@ func (hb *hub) streamStarted(gen uint64, status int, header http.Header) {
 	hb.liveGen = gen
 	hb.old.stopAsync()
 	hb.old = nil
+	hb.up.h.metrics.upstreamConnected(hb.header != nil)
 	if hb.header != nil && !hb.backendIDs {
 		// A new upstream connection to a backend without ids: no way to
 		// know what was missed in between, but clients stay connected and
@@ -885,6 +938,9 @@ func (hb *hub) publish(gen uint64, raw []byte, info eventInfo) {
 	if gen != hb.liveGen {
 		return // a replaced upstream's late event
 	}
+	if hb.repeatsOverlap(raw, info) {
+		return
+	}
 	id := ""
 	if info.hasID && !info.idTooLong {
 		id = string(info.id)
@@ -910,6 +966,32 @@ func (hb *hub) publish(gen uint64, raw []byte, info eventInfo) {
 	hb.broadcastLocked()
 }
 
+// repeatsOverlap handles the moment one upstream connection replaces
+// another (a config reload): the backend sends the same events on both
+// until the new one's header switches publishing to it. While both run,
+// the old one's events are remembered; the new one's first events that
+// repeat them are dropped, so the switch adds no duplicate. A backend with
+// ids is matched by id; one without, by the event's bytes.
+func (hb *hub) repeatsOverlap(raw []byte, info eventInfo) bool {
+	if hb.old != nil { // the new connection has not switched yet
+		if len(hb.overlap) < maxBatch {
+			hb.overlap = append(hb.overlap, append([]byte(nil), raw...))
+		}
+		return false
+	}
+	if len(hb.overlap) == 0 {
+		return false
+	}
+	for i, seen := range hb.overlap {
+		if bytes.Equal(seen, raw) || (info.hasID && len(info.id) > 0 && bytes.Contains(seen, append([]byte("id: "), info.id...))) {
+			hb.overlap = hb.overlap[i+1:]
+			return true
+		}
+	}
+	hb.overlap = nil // the new connection is past the overlap
+	return false
+}
+
 // withID copies an event with an id line added just before the blank line
 // that ends it, where it is the event's last id and so the one that counts.
 func withID(raw []byte, id string) []byte {
@@ -923,4 +1005,36 @@ func withID(raw []byte, id string) []byte {
 	out = append(out, id...)
 	out = append(out, '\n')
 	return append(out, raw[cut:]...)
+}
+
+// report describes the hub for the admin API.
+func (hb *hub) report(now time.Time) streamStatus {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	events, bytes := hb.buf.stats()
+	st := streamStatus{
+		Mode:          modeFanout.String(),
+		Key:           hb.keyHash,
+		Path:          hb.path,
+		Clients:       hb.clients,
+		UptimeSeconds: now.Sub(hb.created).Seconds(),
+		CacheEvents:   events,
+		CacheBytes:    bytes,
+		Reconnects:    hb.reconnects,
+		Events:        int64(hb.seq),
+	}
+	if ev, _ := hb.buf.after(nil, hb.seq-1, 1); len(ev) == 1 {
+		st.LastEventID = formatID([]byte(ev[0].id))
+	}
+	switch {
+	case hb.destroyed:
+		st.Upstream = upstreamClosed
+	case hb.up == nil:
+		st.Upstream = "disconnected"
+	case hb.header == nil || hb.liveGen != hb.up.gen:
+		st.Upstream = "connecting"
+	default:
+		st.Upstream = upstreamStreaming
+	}
+	return st
 }

@@ -131,9 +131,18 @@ func (e *emitter) waitJoined(t testing.TB, n int) {
 	}
 }
 
+// fanoutRoute is /events through sse with fan-out (linger 0 unless the
+// test sets it, so hubs do not outlive their test) to the emitter.
 func fanoutRoute(e *emitter, fields map[string]any) string {
-	f := map[string]any{"padding": 0, "heartbeat": "1s", "fanout": map[string]any{}}
+	fo := map[string]any{"linger": 0}
+	f := map[string]any{"padding": 0, "heartbeat": "1s", "fanout": fo}
 	for k, v := range fields {
+		if k == "fanout" {
+			for fk, fv := range v.(map[string]any) {
+				fo[fk] = fv
+			}
+			continue
+		}
 		f[k] = v
 	}
 	return route("/events", sseHandler(f), proxyTo(e.addr))
@@ -421,12 +430,13 @@ func TestFanoutReloadLosesNothing(t *testing.T) {
 	defer caddyMu.Unlock()
 	addr := freeAddr(t)
 	load := func(heartbeat string) {
-		cfg := caddyConfig(addr, fanoutRoute(e, map[string]any{"heartbeat": heartbeat}))
+		cfg := caddyConfig(addr, fanoutRoute(e, map[string]any{"heartbeat": heartbeat, "fanout": map[string]any{"linger": "2s"}}))
 		if err := caddy.Load(cfg, true); err != nil {
 			t.Fatal(err)
 		}
 	}
 	load("1s")
+	defer waitHubsGone(t, addr)
 	defer caddy.Stop()
 	c := openStream(t, "http://"+addr+"/events", false)
 	e.waitJoined(t, 1)
@@ -445,5 +455,29 @@ func TestFanoutReloadLosesNothing(t *testing.T) {
 	e.emit("data: 3\n\n")
 	if d := datas(waitEvents(t, c2, 3)); d != "1,2,3" {
 		t.Fatalf("after the reload the client got %q", d)
+	}
+}
+
+// waitHubsGone waits until no hub of the server at addr is left in the
+// pool, so that tests after this one start from an empty pool.
+func waitHubsGone(t testing.TB, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		left := 0
+		hubs.Range(func(k, _ any) bool {
+			if strings.Contains(k.(string), addr+"/") {
+				left++
+			}
+			return true
+		})
+		if left == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%d hubs of %s still in the pool", left, addr)
+			return
+		}
+		time.Sleep(20 * time.Millisecond) // polling a condition with a deadline
 	}
 }

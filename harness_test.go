@@ -72,6 +72,7 @@ func startCaddy(t testing.TB, routes ...string) string {
 		if err := caddy.Stop(); err != nil {
 			t.Errorf("stopping Caddy: %v", err)
 		}
+		waitHubsGone(t, addr)
 		caddyMu.Unlock()
 	})
 	return "http://" + addr
