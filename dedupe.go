@@ -213,9 +213,9 @@ type hub struct {
 	old        *upstream            // the one it replaces, until the new one streams
 	liveGen    uint64               // the upstream whose events are published
 	gens       uint64
-	overlap    [][]byte             // what the replaced upstream published while the new one connected
-	backendIDs bool   // the backend sends ids: resume it with Last-Event-ID
-	lastBackID string // the last id the backend sent
+	overlap    [][]byte // what the replaced upstream published while the new one connected
+	backendIDs bool     // the backend sends ids: resume it with Last-Event-ID
+	lastBackID string   // the last id the backend sent
 	retry      time.Duration
 	reconnects int
 	epoch      string // prefix of synthesized ids, new at every discontinuity
