@@ -950,7 +950,7 @@ func (hb *hub) publish(gen uint64, raw []byte, info eventInfo) {
 		hb.lastBackID = id
 	}
 	if info.retry >= 0 {
-		hb.retry = time.Duration(info.retry) * time.Millisecond
+		hb.retry = time.Duration(min(info.retry, int64(maxBackoff/time.Millisecond))) * time.Millisecond
 	}
 	hb.seq++
 	var data []byte
