@@ -158,23 +158,7 @@ type decodingClient struct {
 
 func openDecoding(t testing.TB, url string, h2 bool, acceptEncoding string) *decodingClient {
 	t.Helper()
-	tr := &http.Transport{DisableCompression: true}
-	if h2 {
-		tr.Protocols = new(http.Protocols)
-		tr.Protocols.SetUnencryptedHTTP2(true)
-	}
-	t.Cleanup(tr.CloseIdleConnections)
-	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	req.Header.Set("Accept", "text/event-stream")
-	if acceptEncoding != "" {
-		req.Header.Set("Accept-Encoding", acceptEncoding)
-	}
-	resp, err := tr.RoundTrip(req)
-	if err != nil {
-		cancel()
-		t.Fatalf("GET %s: %v", url, err)
-	}
+	resp, cancel := streamRequest(t, url, h2, "Accept-Encoding", acceptEncoding)
 	c := &decodingClient{Resp: resp, cancel: cancel, more: make(chan struct{}, 1), done: make(chan struct{})}
 	t.Cleanup(c.close)
 	go c.decode()
@@ -688,13 +672,7 @@ func TestCompressedClientThatStopsReadingIsDropped(t *testing.T) {
 			checkNoLeak(t)
 			b := newScriptedBackend(t)
 			base := startCaddy(t, route("/events", sseHandler(map[string]any{"write_timeout": "1s", "heartbeat": 0}), proxyTo(b.Addr)))
-			conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			conn.(*net.TCPConn).SetReadBuffer(4096)
-			fmt.Fprintf(conn, "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAccept-Encoding: %s\r\n\r\n", enc)
+			dialStalled(t, base, "Accept-Encoding: "+enc+"\r\n")
 			b.request(t)
 			// Incompressible events, so the socket buffers fill.
 			r := rand.New(rand.NewPCG(2, 2))

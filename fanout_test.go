@@ -353,13 +353,7 @@ func TestFanoutSlowClientCutOff(t *testing.T) {
 	base := startCaddy(t, fanoutRoute(e, map[string]any{"write_timeout": "1s", "fanout": map[string]any{"client_queue": 16}}))
 	fast := openStream(t, base+"/events", false)
 	e.waitJoined(t, 1)
-	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.(*net.TCPConn).SetReadBuffer(4096)
-	fmt.Fprintf(conn, "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+	dialStalled(t, base, "")
 	payload := strings.Repeat("x", 256<<10)
 	const n = 40 // 10 MB: more than the socket buffers hold
 	for i := range n {

@@ -211,9 +211,10 @@ type client struct {
 	err    error
 }
 
-// openStream sends a GET with Accept: text/event-stream (plus extra
-// headers, as key/value pairs) over HTTP/1.1 or, with h2, HTTP/2 (h2c).
-func openStream(t testing.TB, url string, h2 bool, headers ...string) *client {
+// streamRequest sends a GET with Accept: text/event-stream (plus extra
+// headers, as key/value pairs; an empty value is not sent) over HTTP/1.1
+// or, with h2, HTTP/2 (h2c), with no transparent decompression.
+func streamRequest(t testing.TB, url string, h2 bool, headers ...string) (*http.Response, context.CancelFunc) {
 	t.Helper()
 	tr := &http.Transport{DisableCompression: true}
 	if h2 {
@@ -225,13 +226,36 @@ func openStream(t testing.TB, url string, h2 bool, headers ...string) *client {
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	req.Header.Set("Accept", "text/event-stream")
 	for i := 0; i+1 < len(headers); i += 2 {
-		req.Header.Set(headers[i], headers[i+1])
+		if headers[i+1] != "" {
+			req.Header.Set(headers[i], headers[i+1])
+		}
 	}
 	resp, err := tr.RoundTrip(req)
 	if err != nil {
 		cancel()
 		t.Fatalf("GET %s: %v", url, err)
 	}
+	return resp, cancel
+}
+
+// dialStalled opens /events on base as a raw HTTP/1.1 client with a tiny
+// receive buffer that never reads, to fill the server's socket buffers.
+func dialStalled(t testing.TB, base string, extraHeaders string) net.Conn {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.(*net.TCPConn).SetReadBuffer(4096)
+	fmt.Fprintf(conn, "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n%s\r\n", extraHeaders)
+	return conn
+}
+
+// openStream starts reading a stream (see streamRequest) in the background.
+func openStream(t testing.TB, url string, h2 bool, headers ...string) *client {
+	t.Helper()
+	resp, cancel := streamRequest(t, url, h2, headers...)
 	c := &client{Resp: resp, cancel: cancel, more: make(chan struct{}, 1), eof: make(chan struct{})}
 	t.Cleanup(c.close)
 	go c.read()

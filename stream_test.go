@@ -310,13 +310,7 @@ func TestClientThatStopsReadingIsDropped(t *testing.T) {
 	checkNoLeak(t)
 	b := newScriptedBackend(t)
 	base := startCaddy(t, route("/events", sseHandler(map[string]any{"write_timeout": "1s", "heartbeat": 0}), proxyTo(b.Addr)))
-	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.(*net.TCPConn).SetReadBuffer(4096)
-	fmt.Fprintf(conn, "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+	dialStalled(t, base, "")
 	b.request(t)
 	ev := "data: " + strings.Repeat("x", 64<<10) + "\n\n"
 	deadline := time.Now().Add(20 * time.Second)
