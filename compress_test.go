@@ -149,16 +149,17 @@ type decodingClient struct {
 	Resp   *http.Response
 	cancel context.CancelFunc
 	mu     sync.Mutex
-	raw    int // bytes received on the wire (the body, not decoded)
+	raw    int          // bytes received on the wire (the body, not decoded)
+	wire   bytes.Buffer // those bytes
 	plain  bytes.Buffer
 	more   chan struct{}
 	done   chan struct{}
 	err    error // how decoding ended; nil for a clean end of stream
 }
 
-func openDecoding(t testing.TB, url string, h2 bool, acceptEncoding string) *decodingClient {
+func openDecoding(t testing.TB, url string, h2 bool, acceptEncoding string, headers ...string) *decodingClient {
 	t.Helper()
-	resp, cancel := streamRequest(t, url, h2, "Accept-Encoding", acceptEncoding)
+	resp, cancel := streamRequest(t, url, h2, append([]string{"Accept-Encoding", acceptEncoding}, headers...)...)
 	c := &decodingClient{Resp: resp, cancel: cancel, more: make(chan struct{}, 1), done: make(chan struct{})}
 	t.Cleanup(c.close)
 	go c.decode()
@@ -169,6 +170,7 @@ func (c *decodingClient) Read(p []byte) (int, error) {
 	n, err := c.Resp.Body.Read(p)
 	c.mu.Lock()
 	c.raw += n
+	c.wire.Write(p[:n])
 	c.mu.Unlock()
 	return n, err
 }

@@ -221,6 +221,7 @@ type hub struct {
 	epoch      string // prefix of synthesized ids, new at every discontinuity
 	heartbeat  *time.Timer
 	destroyed  bool
+	zc         [numZ]sharedCompressor // one per encoding clients use (compress.go)
 }
 
 // upstream is one loop that keeps the backend connected through one
@@ -264,6 +265,9 @@ func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger) *hub {
 		epoch:   newEpoch(),
 	}
 	hb.logger = logger.With(zap.String("stream", hb.keyHash))
+	for i := range hb.zc {
+		hb.zc[i].enc = i
+	}
 	return hb
 }
 
@@ -288,6 +292,7 @@ func (hb *hub) Destruct() error {
 	if hb.heartbeat != nil {
 		hb.heartbeat.Stop()
 	}
+	hb.idleShared()
 	hb.broadcastLocked()
 	hb.mu.Unlock()
 	up.stop()
@@ -386,11 +391,10 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	c := &fanoutClient{hub: hb, cursor: cursor, queue: uint64(f.ClientQueue), sub: sub, h: h,
 		encoding: cmp.Or(encoding, encIdentity)}
 	c.out = newClientConn(wireCounter{ResponseWriter: w, n: &c.wire}, time.Duration(h.WriteTimeout))
-	if encoding != "" {
-		if err := c.out.compress(encoding); err != nil {
-			return err
-		}
-	}
+	// A compressed client writes what the hub's shared compressor encoded
+	// once for all clients (compress.go); it holds no compressor itself.
+	c.z = hb.attachShared(encoding)
+	defer hb.detachShared(c.z)
 	w.WriteHeader(status)
 	first := h.preludeFor(encoding)
 	if reset {
@@ -398,7 +402,9 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")
 	}
 	err = c.run(r.Context(), first)
-	c.out.endEncoding(c.clean)
+	if c.z != nil && c.clean {
+		_ = c.z.end(&c.out) // the trailer; the client is still there
+	}
 	return err
 }
 
@@ -523,9 +529,10 @@ type fanoutClient struct {
 	cursor   uint64
 	queue    uint64
 	encoding string
-	wire     int64 // bytes on the wire, counted under the encoder
-	counted  int64 // wire bytes already reported to the metrics
-	clean    bool  // the stream ended on our side, not by a failed write
+	z        *sharedWriter // a compressed stream's writer; nil for identity
+	wire     int64         // bytes on the wire, after compression
+	counted  int64         // wire bytes already reported to the metrics
+	clean    bool          // the stream ended on our side, not by a failed write
 }
 
 // flushed reports a batch of raw bytes and the wire bytes they became.
@@ -545,10 +552,9 @@ func (c *fanoutClient) writeFailed(err error) error {
 }
 
 func (c *fanoutClient) run(ctx context.Context, first []byte) error {
-	if err := c.out.writeFlush(time.Now(), first); err != nil {
+	if err := c.writeOwn(time.Now(), first); err != nil {
 		return c.writeFailed(err)
 	}
-	c.flushed(len(first))
 	var (
 		batch   []*event
 		beats   uint64
@@ -569,6 +575,9 @@ func (c *fanoutClient) run(ctx context.Context, first []byte) error {
 		var ok bool
 		batch, ok = hb.buf.after(batch[:0], c.cursor, maxBatch)
 		lag, nowBeats, wake, gone := hb.seq-c.cursor, hb.beats, hb.wake, hb.destroyed || (hb.failed && hb.up == nil)
+		if c.z != nil {
+			hb.noteWaitingLocked(c.z)
+		}
 		hb.mu.Unlock()
 		if !ok || (lag > c.queue && lag >= prevLag) {
 			hb.logger.Warn("client fell behind the stream; disconnecting it (it resumes from the cache)",
@@ -580,29 +589,21 @@ func (c *fanoutClient) run(ctx context.Context, first []byte) error {
 		now := time.Now()
 		switch {
 		case len(batch) > 0:
-			raw := 0
-			for _, ev := range batch {
-				if err := c.out.write(now, ev.data); err != nil {
-					return c.writeFailed(err)
-				}
-				raw += len(ev.data)
-			}
-			c.cursor = batch[len(batch)-1].seq
-			n := len(batch)
-			clear(batch) // hold no evicted event
-			if err := c.out.flush(); err != nil {
+			if err := c.deliver(now, batch); err != nil {
 				return c.writeFailed(err)
 			}
-			c.h.metrics.eventsForwarded(modeFanout, n)
-			c.flushed(raw)
+			clear(batch) // hold no evicted event
+			// A heartbeat due meanwhile is moot: the client just got events.
+			// (Written now, it would also take a compressed client out of
+			// the shared epoch the heartbeat's restart began.)
+			beats = nowBeats
 			continue
 		case nowBeats != beats:
 			beats = nowBeats
-			if err := c.out.writeFlush(now, c.h.heartbeatBytes); err != nil {
+			if err := c.writeOwn(now, c.h.heartbeatBytes); err != nil {
 				return c.writeFailed(err)
 			}
 			c.h.metrics.heartbeatsSent(modeFanout, 1)
-			c.flushed(len(c.h.heartbeatBytes))
 		case gone:
 			return c.finish(endBackend)
 		}
@@ -618,6 +619,61 @@ func (c *fanoutClient) run(ctx context.Context, first []byte) error {
 	}
 }
 
+// deliver writes a batch of events with one flush and moves the cursor.
+func (c *fanoutClient) deliver(now time.Time, batch []*event) error {
+	raw := 0
+	for _, ev := range batch {
+		var err error
+		if c.z != nil {
+			err = c.z.event(&c.out, now, ev)
+		} else {
+			err = c.out.write(now, ev.data)
+		}
+		if err != nil {
+			return err
+		}
+		raw += len(ev.data)
+	}
+	c.cursor = batch[len(batch)-1].seq
+	if err := c.flush(now); err != nil {
+		return err
+	}
+	c.h.metrics.eventsForwarded(modeFanout, len(batch))
+	c.flushed(raw)
+	return nil
+}
+
+// writeOwn writes and flushes bytes of this client's own (prelude,
+// heartbeat, retry hint): as they are, or as blocks of a compressed
+// stream that are not shared.
+func (c *fanoutClient) writeOwn(now time.Time, p []byte) error {
+	var err error
+	if c.z != nil {
+		err = c.z.own(&c.out, now, p)
+	} else if len(p) > 0 {
+		err = c.out.write(now, p)
+	}
+	if err == nil {
+		err = c.flush(now)
+	}
+	if err != nil {
+		return err
+	}
+	c.flushed(len(p))
+	return nil
+}
+
+// flush pushes out what was written (the header too).
+func (c *fanoutClient) flush(now time.Time) error {
+	if err := c.out.arm(now); err != nil {
+		return err
+	}
+	if c.z != nil {
+		return c.z.flush(&c.out, now)
+	}
+	return c.out.flush()
+}
+
 // finish ends the client's stream cleanly, with a retry hint: on
 // shutdown a random one between the configured retry (1s when none) and
 // twice that, so that a reload's reconnects do not arrive all at once.
@@ -629,7 +685,9 @@ func (c *fanoutClient) finish(reason endReason) error {
 		hint = retryField(base + rand.N(base))
 	}
 	if len(hint) > 0 {
-		_ = c.out.writeFlush(time.Now(), hint)
+		if err := c.writeOwn(time.Now(), hint); err != nil {
+			c.clean = false // no trailer for a client that is gone
+		}
 	}
 	return nil
 }
@@ -925,10 +983,19 @@ func (hb *hub) onHeartbeat() {
 		hb.heartbeat.Reset(every - idle)
 		return
 	}
+	hb.beatLocked()
+	hb.heartbeat.Reset(every)
+}
+
+// beatLocked has the caught-up clients write a heartbeat. Each writes it
+// on its own, which takes compressed clients out of their shared epoch, so
+// the shared compressors restart at the next event (and, the stream being
+// idle, give back their memory meanwhile).
+func (hb *hub) beatLocked() {
 	hb.beats++
 	hb.lastPub = time.Now()
+	hb.idleShared()
 	hb.broadcastLocked()
-	hb.heartbeat.Reset(every)
 }
 
 // publish stores one complete event and wakes the clients.
@@ -961,7 +1028,7 @@ func (hb *hub) publish(gen uint64, raw []byte, info eventInfo) {
 		data = append([]byte(nil), raw...)
 	}
 	now := time.Now()
-	hb.buf.add(&event{seq: hb.seq, id: id, data: data, at: now})
+	hb.buf.add(&event{seq: hb.seq, id: id, data: data, at: now, z: hb.compressShared(data)})
 	hb.lastPub = now
 	hb.broadcastLocked()
 }

@@ -1,0 +1,220 @@
+package caddysse
+
+import (
+	"bytes"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// Shared compression at fan-out (compress.go): each event is compressed
+// once per encoding, and clients that joined at any point decode exactly
+// what an uncompressed client of the same join point gets.
+
+// theHub is the only fan-out hub of the running test.
+func theHub(t testing.TB) *hub {
+	t.Helper()
+	var found []*hub
+	hubs.Range(func(_, v any) bool {
+		found = append(found, v.(*hub))
+		return true
+	})
+	if len(found) != 1 {
+		t.Fatalf("%d fan-out hubs, want 1", len(found))
+	}
+	return found[0]
+}
+
+// cached is every event the hub's cache holds, oldest first.
+func (hb *hub) cached() []*event {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	evs, _ := hb.buf.after(nil, 0, 0)
+	return evs
+}
+
+// waitUntil waits until the decoded text satisfies cond.
+func (c *decodingClient) waitUntil(t testing.TB, what string, cond func(string) bool) string {
+	t.Helper()
+	deadline := time.After(5 * time.Second)
+	for {
+		got, _ := c.state()
+		if cond(got) {
+			return got
+		}
+		select {
+		case <-c.more:
+		case <-c.done:
+			if got, _ := c.state(); cond(got) {
+				return got
+			}
+			t.Fatalf("stream ended (%v) before %s; decoded %q", c.err, what, tail(got))
+		case <-deadline:
+			t.Fatalf("no %s after 5s; decoded %q", what, tail(got))
+		}
+	}
+}
+
+func (c *decodingClient) wireBytes() []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return bytes.Clone(c.wire.Bytes())
+}
+
+// joinGroup is clients that joined at the same point: one uncompressed,
+// one gzip and one zstd.
+type joinGroup struct {
+	name   string
+	plain  *decodingClient
+	z      [numZ]*decodingClient
+	after  uint64 // the last event published before they joined
+	replay uint64 // events the cache replays to them
+}
+
+func (g *joinGroup) all() []*decodingClient {
+	return []*decodingClient{g.plain, g.z[zGzip], g.z[zZstd]}
+}
+
+func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"heartbeat": 0, "retry": "2s"}))
+	events := realisticEvents(48)
+	published := 0
+	var groups []*joinGroup
+	join := func(name string, h2 bool, headers ...string) *joinGroup {
+		g := &joinGroup{name: name, after: uint64(published)}
+		g.plain = openDecoding(t, base+"/events", h2, "", headers...)
+		g.z[zGzip] = openDecoding(t, base+"/events", h2, "gzip", headers...)
+		g.z[zZstd] = openDecoding(t, base+"/events", !h2, "zstd", headers...)
+		for i, c := range g.z {
+			if ce := c.Resp.Header.Get("Content-Encoding"); ce != encodingName(i) {
+				t.Fatalf("%s: Content-Encoding %q, want %s", name, ce, encodingName(i))
+			}
+		}
+		groups = append(groups, g)
+		return g
+	}
+	// same waits until every client of every group decoded its uncompressed
+	// twin's text ending in suffix: exactly the same bytes.
+	same := func(suffix string) {
+		t.Helper()
+		for _, g := range groups {
+			want := g.plain.waitUntil(t, fmt.Sprintf("%s: %q", g.name, tail(suffix)), func(s string) bool {
+				return strings.HasSuffix(s, suffix)
+			})
+			for i, c := range g.z {
+				if got, _ := c.state(); !strings.HasPrefix(want, got) {
+					t.Fatalf("%s/%s decoded %q, its uncompressed twin %q", g.name, encodingName(i), tail(got), tail(want))
+				}
+				c.waitPlain(t, want)
+			}
+		}
+	}
+	emit := func(n int) {
+		t.Helper()
+		for range n {
+			ev := string(events[published])
+			e.emit(ev)
+			published++
+			same(ev)
+		}
+	}
+	before := sharedCompressions.Load()
+
+	join("before the first event", false)
+	e.waitJoined(t, 1)
+	emit(5)
+	join("mid-epoch", false)
+	emit(15)
+	// A restart happened for the mid-epoch joiners.
+	join("after a restart", true)
+	join("Last-Event-ID replay", false, "Last-Event-ID", "1002") // events 4-20 from the cache
+	join("unknown Last-Event-ID", false, "Last-Event-ID", "gone")
+	emit(10)
+	hb := theHub(t)
+	hb.mu.Lock()
+	hb.beatLocked()
+	hb.mu.Unlock()
+	same(": heartbeat\n\n")
+	join("after a heartbeat", false)
+	emit(len(events) - published)
+
+	if got := sharedCompressions.Load() - before; got != int64(2*published) {
+		t.Fatalf("%d shared compressions for %d events in 2 encodings and %d clients", got, published, 3*len(groups))
+	}
+	groups[3].replay = 17
+
+	// The wire: from the first epoch start a client writes (at or after the
+	// first event it gets), it writes the shared bytes of every event, up
+	// to the heartbeat, and again from the first event after it.
+	cache := hb.cached()
+	if len(cache) != published {
+		t.Fatalf("%d cached events, want %d", len(cache), published)
+	}
+	beat := 30 // the events before the heartbeat
+	if !cache[beat].z.start[zGzip] || !cache[beat].z.start[zZstd] {
+		t.Fatal("the first event after a heartbeat does not start an epoch")
+	}
+	for _, g := range groups {
+		first := int(g.after - g.replay) // index in cache of the first event sent
+		for i, c := range g.z {
+			wire := c.wireBytes()
+			sync := first
+			for !cache[sync].z.start[i] {
+				sync++
+			}
+			if sync-first > maxEpoch {
+				t.Errorf("%s/%s: in sync only %d events after joining", g.name, encodingName(i), sync-first)
+			}
+			t.Logf("%s/%s: joined before event %d, in sync from event %d", g.name, encodingName(i), first+1, sync+1)
+			for _, run := range [][2]int{{sync, beat}, {max(sync, beat), published}} {
+				if run[0] >= run[1] {
+					continue
+				}
+				var shared []byte
+				for k := run[0]; k < run[1]; k++ {
+					if i == zZstd && k > run[0] && cache[k].z.start[i] {
+						shared = append(shared, zstdFrameEnd...)
+					}
+					shared = append(shared, cache[k].z.b[i]...)
+				}
+				if !bytes.Contains(wire, shared) {
+					t.Errorf("%s/%s: the wire does not hold the shared bytes of events %d-%d", g.name, encodingName(i), run[0]+1, run[1])
+				}
+			}
+		}
+	}
+
+	// A clean end (the server shuts down): each client gets its own retry
+	// hint and a valid end of its compressed stream (the gzip trailer checks
+	// CRC-32 and length of everything decoded).
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range groups {
+		for _, c := range g.all() {
+			if err := c.waitEnd(t); err != nil {
+				t.Fatalf("%s/%q: decoding the end of the stream: %v", g.name, c.Resp.Header.Get("Content-Encoding"), err)
+			}
+		}
+		want, _ := g.plain.state()
+		cut := strings.LastIndex(want, "retry: ")
+		if cut < 0 || !strings.HasSuffix(want, "\n\n") {
+			t.Fatalf("%s: no retry hint at the end: %q", g.name, tail(want))
+		}
+		for i, c := range g.z {
+			got, _ := c.state()
+			if gcut := strings.LastIndex(got, "retry: "); gcut != cut || got[:cut] != want[:cut] || !strings.HasSuffix(got, "\n\n") {
+				t.Fatalf("%s/%s decoded %q at the end, its uncompressed twin %q", g.name, encodingName(i), tail(got), tail(want))
+			}
+		}
+	}
+	waitHubsGone(t, strings.TrimPrefix(base, "http://"))
+	if n := liveSharedEncoders.Load(); n != 0 {
+		t.Fatalf("%d shared zstd encoders not given back", n)
+	}
+}
