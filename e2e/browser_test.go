@@ -153,6 +153,13 @@ type page struct {
 // ends, which also closes every EventSource it opened.
 func newPage(t testing.TB, h *harness) *page {
 	t.Helper()
+	return newPageAt(t, h, h.base)
+}
+
+// newPageAt opens a tab on the test page at base, the origin the page's
+// EventSources connect to: h.base, or a cutter in front of it.
+func newPageAt(t testing.TB, h *harness, base string) *page {
+	t.Helper()
 	requireBrowser(t)
 	ctx, cancel := chromedp.NewContext(browserCtx)
 	t.Cleanup(cancel)
@@ -161,7 +168,7 @@ func newPage(t testing.TB, h *harness) *page {
 	}
 	nctx, ncancel := context.WithTimeout(ctx, 15*time.Second)
 	defer ncancel()
-	if err := chromedp.Do(nctx, chromedp.Navigate(h.url("/page"))); err != nil {
+	if err := chromedp.Do(nctx, chromedp.Navigate(base+"/page")); err != nil {
 		t.Fatalf("load test page: %v", err)
 	}
 	p := &page{ctx: ctx, h: h}

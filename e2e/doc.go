@@ -20,6 +20,12 @@
 //   - harness_test.go: startCaddy loads a config with the sse handler under
 //     test in front of a scriptable backend, plus a route without it and an
 //     idle-timeout guard; see startCaddy for the routes.
+//   - server_test.go: the server's side as tests see it: the plugin's
+//     GET /sse/streams and the metrics on Caddy's admin endpoint, a backend
+//     stream the test writes event by event (feed), and a TCP forwarder
+//     that cuts the browser's connections (cutter).
+//   - network_test.go: the tab's requests and responses as the browser's
+//     network stack saw them (headers on the wire both ways).
 //   - testdata/page.html: the page, which records every dispatched event.
 //   - *_test.go: one file per behaviour.
 package e2e

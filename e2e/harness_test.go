@@ -31,6 +31,7 @@ const guardReadTimeout = 2 * time.Second
 // harness is one running Caddy config with its backend.
 type harness struct {
 	base    string // http://127.0.0.1:port of the front server
+	admin   string // http://127.0.0.1:port of Caddy's admin endpoint
 	backend *backend
 }
 
@@ -58,7 +59,7 @@ func startCaddy(t testing.TB, handlerJSON string) *harness {
 		t.Fatalf("handler JSON %s: %v", handlerJSON, err)
 	}
 	b := startBackend(t)
-	front, inner := freeAddr(t), freeAddr(t)
+	front, inner, admin := freeAddr(t), freeAddr(t), freeAddr(t)
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "caddy.log")
 
@@ -88,7 +89,9 @@ func startCaddy(t testing.TB, handlerJSON string) *harness {
 		}
 	}
 	cfg := map[string]any{
-		"admin": map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
+		// The admin endpoint serves the plugin's GET /sse/streams and the
+		// config's metrics, which tests read to see the server's side.
+		"admin": map[string]any{"listen": admin, "config": map[string]any{"persist": false}},
 		// No TLS is involved, but the tls app starts anyway and would keep
 		// its state in the home directory.
 		"storage": map[string]any{"module": "file_system", "root": filepath.Join(dir, "storage")},
@@ -142,7 +145,7 @@ func startCaddy(t testing.TB, handlerJSON string) *harness {
 	// Registered after caddy.Stop, so it runs before it: ending the
 	// backend's streams first lets Caddy shut down without waiting for them.
 	t.Cleanup(b.stopStreams)
-	return &harness{base: "http://" + front, backend: b}
+	return &harness{base: "http://" + front, admin: "http://" + admin, backend: b}
 }
 
 // tail returns the last n lines of the file at path.

@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"cmp"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -173,13 +175,60 @@ func TestTransparency(t *testing.T) {
 	h := startCaddy(t, `{"handler":"sse","heartbeat":"1s","padding":2048}`)
 	p := newPage(t, h)
 	for _, c := range transparencyCases {
-		t.Run(c.name, func(t *testing.T) { runTransparencyCase(t, h, p, c) })
+		t.Run(c.name, func(t *testing.T) { runTransparencyCase(t, h, p, c, transparencyRun{}) })
 	}
 }
 
-func runTransparencyCase(t *testing.T, h *harness, p *page, c transparencyCase) {
+// TestTransparencyAllFeatures runs the transparency cases with every
+// feature of the plugin on at once: heartbeat 1s, padding, compression
+// (each encoding forced by the compress list, and checked on the wire)
+// and fan-out (linger 0, one hub per case: every case has its own URL).
+// EventSource must dispatch the same events, in the same order, with the
+// same type and data as straight from the backend. Ids: where an event
+// carries the backend's own id field, lastEventId is the backend's; every
+// other event gets an id from the plugin (ids auto), so its lastEventId
+// must be non-empty and unlike any other the plugin made.
+func TestTransparencyAllFeatures(t *testing.T) {
+	requireBrowser(t)
+	for _, enc := range []string{"zstd", "gzip"} {
+		t.Run(enc, func(t *testing.T) {
+			h := startCaddy(t, fmt.Sprintf(
+				`{"handler":"sse","heartbeat":"1s","padding":2048,"compress":[%q],"fanout":{"linger":"0s"}}`, enc))
+			p := newPage(t, h)
+			run := transparencyRun{fanout: true, encoding: enc, net: p.recordNetwork(t)}
+			for _, c := range transparencyCases {
+				t.Run(c.name, func(t *testing.T) { runTransparencyCase(t, h, p, c, run) })
+			}
+		})
+	}
+}
+
+// transparencyRun is how the /sse route of a transparency run is set up.
+type transparencyRun struct {
+	fanout   bool    // fan-out with ids auto: events without an id get one
+	encoding string  // with net: the Content-Encoding the /sse stream must come with
+	net      *netLog // the page's network log
+}
+
+func runTransparencyCase(t *testing.T, h *harness, p *page, c transparencyCase, run transparencyRun) {
 	name := "transparency/" + c.name
+	// With fan-out, a client gets the events the hub publishes once it is
+	// attached, and the backend writes its first events at once: the
+	// backend waits until both EventSources are open, so that these cases
+	// test what the plugin makes of the events, not when the page attached
+	// (TestFanoutFirstClientGetsEventsSentOnConnect is about that).
+	start := make(chan struct{})
+	if !run.fanout {
+		close(start)
+	}
 	h.backend.handle(name, func(s *stream) {
+		select {
+		case <-start:
+		case <-s.r.Context().Done():
+			return
+		case <-s.quit:
+			return
+		}
 		if s.send(c.steps...) {
 			s.send(endOfCase)
 		}
@@ -188,6 +237,10 @@ func runTransparencyCase(t *testing.T, h *harness, p *page, c transparencyCase) 
 	// Both at once: two connections, well under Chromium's six per origin.
 	p.open(t, "direct", "/direct/"+name, types...)
 	p.open(t, "sse", "/sse/"+name, types...)
+	if run.fanout {
+		p.waitJS(t, "sse", `streams.direct.opens.length > 0 && streams.sse.opens.length > 0`, "both EventSources open", 10*time.Second)
+		close(start)
+	}
 
 	timeout := 10 * time.Second
 	direct := p.waitType(t, "direct", endOfCaseType, timeout)
@@ -207,10 +260,133 @@ func runTransparencyCase(t *testing.T, h *harness, p *page, c transparencyCase) 
 		// of the stream is not what the case expects.
 		t.Errorf("without the plugin, EventSource dispatched other events than the case expects:%s", diffEvents(gotDirect, c.want))
 	}
-	if !sameEvents(gotSSE, gotDirect) {
-		t.Errorf("through the plugin, EventSource dispatched other events than straight from the backend (got = /sse, want = /direct):%s",
+	if run.net != nil {
+		path := "/sse/" + name
+		for _, ex := range run.net.waitExchanges(t, path, 1, timeout) {
+			if got := ex.ResponseHeaders.Get("Content-Encoding"); got != run.encoding {
+				t.Errorf("%s came with Content-Encoding %q, want %q: %v", path, got, run.encoding, ex)
+			}
+		}
+	}
+	if !run.fanout {
+		if !sameEvents(gotSSE, gotDirect) {
+			t.Errorf("through the plugin, EventSource dispatched other events than straight from the backend (got = /sse, want = /direct):%s",
+				diffEvents(gotSSE, gotDirect))
+		}
+		return
+	}
+
+	// Fan-out: the same events apart from the ids the plugin adds.
+	ref := referenceEvents(c.steps)
+	if !sameEvents(eventsOf(ref), c.want) {
+		t.Fatalf("test bug: the reference parser disagrees with the case:%s", diffEvents(eventsOf(ref), c.want))
+	}
+	if !sameEvents(withoutIDs(gotSSE), withoutIDs(gotDirect)) {
+		t.Fatalf("through the plugin, EventSource dispatched other events than straight from the backend (types and data; got = /sse, want = /direct):%s",
 			diffEvents(gotSSE, gotDirect))
 	}
+	synthesized := map[string]int{}
+	for i, e := range gotSSE {
+		if ref[i].ownID {
+			if e.LastEventID != gotDirect[i].LastEventID {
+				t.Errorf("event #%d %v: the backend sent it with an id field, and without the plugin its lastEventId is %q",
+					i, e, gotDirect[i].LastEventID)
+			}
+			continue
+		}
+		if e.LastEventID == "" {
+			t.Errorf("event #%d %v: the backend sent no id with it, and the plugin gave it none", i, e)
+			continue
+		}
+		if j, dup := synthesized[e.LastEventID]; dup {
+			t.Errorf("events #%d and #%d got the same id %q from the plugin", j, i, e.LastEventID)
+		}
+		synthesized[e.LastEventID] = i
+	}
+	if t.Failed() {
+		t.Logf("got (/sse):%s", diffEvents(gotSSE, gotDirect))
+	}
+}
+
+// refEvent is an event a conforming parser dispatches, and whether the
+// block that dispatched it had a valid id field of its own (which the
+// plugin must keep; an event without one gets an id from the plugin in
+// fan-out, as does one whose id field is ignored for holding a NUL).
+type refEvent struct {
+	event
+	ownID bool
+}
+
+// referenceEvents parses what a transparency case's backend sends the way
+// the HTML standard's event-stream interpretation does.
+func referenceEvents(steps []any) []refEvent {
+	var b strings.Builder
+	for _, s := range steps {
+		switch v := s.(type) {
+		case string:
+			b.WriteString(v)
+		case eachByte:
+			b.WriteString(string(v))
+		}
+	}
+	stream := strings.TrimPrefix(b.String(), "\uFEFF")
+	var (
+		out               []refEvent
+		data, typ, lastID string
+		ownID             bool
+	)
+	for stream != "" {
+		end := strings.IndexAny(stream, "\r\n")
+		if end < 0 {
+			break // an unfinished line at the end of the stream is dropped
+		}
+		line := stream[:end]
+		next := end + 1
+		if stream[end] == '\r' && next < len(stream) && stream[next] == '\n' {
+			next++
+		}
+		stream = stream[next:]
+		switch {
+		case line == "":
+			if data != "" {
+				out = append(out, refEvent{event{Type: cmp.Or(typ, "message"), Data: strings.TrimSuffix(data, "\n"), LastEventID: lastID}, ownID})
+			}
+			data, typ, ownID = "", "", false
+			continue
+		case line[0] == ':':
+			continue
+		}
+		field, value, _ := strings.Cut(line, ":")
+		value = strings.TrimPrefix(value, " ")
+		switch field {
+		case "event":
+			typ = value
+		case "data":
+			data += value + "\n"
+		case "id":
+			if !strings.Contains(value, "\x00") { // else the field is ignored
+				lastID, ownID = value, true
+			}
+		}
+	}
+	return out
+}
+
+func eventsOf(ref []refEvent) []event {
+	evs := make([]event, len(ref))
+	for i, r := range ref {
+		evs[i] = r.event
+	}
+	return evs
+}
+
+// withoutIDs returns the events with their lastEventId cleared.
+func withoutIDs(evs []event) []event {
+	out := slices.Clone(evs)
+	for i := range out {
+		out[i].LastEventID = ""
+	}
+	return out
 }
 
 // beforeEndOfCase returns the events before the end-of-case marker.
