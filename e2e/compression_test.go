@@ -29,10 +29,23 @@ func TestCompressedEventsArriveOneByOne(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			h := startCaddy(t, c.handler)
-			handleTicks(h.backend)
 			p := newPage(t, h)
 			nl := p.recordNetwork(t)
-			checkOneByOne(t, p, "sse", "/sse/ticks")
+			if c.mode == "fanout" {
+				// The first tick waits until the page is attached to the
+				// hub: the client that opens a hub loses what the backend
+				// sends at once (TestFanoutFirstClientGetsEventsSentOnConnect),
+				// which is not what this test is about.
+				start := make(chan struct{})
+				handleTicksAfter(h.backend, start)
+				p.open(t, "sse", "/sse/ticks")
+				p.waitJS(t, "sse", "streams.sse.opens.length > 0", "EventSource open", 10*time.Second)
+				close(start)
+				checkTicks(t, p, "sse", "/sse/ticks")
+			} else {
+				handleTicks(h.backend)
+				checkOneByOne(t, p, "sse", "/sse/ticks")
+			}
 
 			list := nl.waitExchanges(t, "/sse/ticks", 1, 5*time.Second)
 			if len(list) != 1 {

@@ -18,8 +18,21 @@ const (
 )
 
 // handleTicks registers the stream "ticks" on the backend.
-func handleTicks(b *backend) {
+func handleTicks(b *backend) { handleTicksAfter(b, nil) }
+
+// handleTicksAfter registers the stream "ticks", whose first tick waits
+// until start is closed (nil: no wait).
+func handleTicksAfter(b *backend, start <-chan struct{}) {
 	b.handle("ticks", func(s *stream) {
+		if start != nil {
+			select {
+			case <-start:
+			case <-s.r.Context().Done():
+				return
+			case <-s.quit:
+				return
+			}
+		}
 		for i := range tickCount {
 			if !s.send(fmt.Sprintf("id: %d\ndata: tick %d\n\n", i, i), tickEvery) {
 				return
@@ -33,6 +46,11 @@ func handleTicks(b *backend) {
 // tickEvery after the previous one.
 func checkOneByOne(t *testing.T, p *page, key, path string) {
 	p.open(t, key, path)
+	checkTicks(t, p, key, path)
+}
+
+// checkTicks is checkOneByOne for an EventSource already open under key.
+func checkTicks(t *testing.T, p *page, key, path string) {
 	st := p.waitEvents(t, key, tickCount, tickCount*tickEvery+5*time.Second)
 	if len(st.Errors) != 0 {
 		t.Errorf("stream broke: %s", st.summary())
