@@ -343,7 +343,8 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	hb := v.(*hub)
 	defer h.release(hb)
 
-	if !hb.join(h, r, next) {
+	joinedAt, ok := hb.join(h, r, next)
+	if !ok {
 		return h.refuse(w, "max_clients")
 	}
 	joined := true
@@ -366,7 +367,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		return h.servePassthrough(w, r, next)
 	}
 	lastID := r.Header.Get("Last-Event-ID")
-	cursor, behind, reset, found := hb.position(lastID, f.ReplayOnConnect)
+	cursor, behind, reset, found := hb.position(lastID, f.ReplayOnConnect, joinedAt)
 	switch {
 	case found:
 		h.metrics.replayServed(int(behind))
@@ -445,11 +446,14 @@ func copyStreamHeader(dst, src http.Header) {
 }
 
 // join adds a client of handler h and makes sure the upstream runs.
-func (hb *hub) join(h *Handler, r *http.Request, next caddyhttp.Handler) bool {
+// It returns the last event published before the client joined: the
+// events after it answer the client's request, even those published while
+// it waited for the upstream's header (a backend's welcome event).
+func (hb *hub) join(h *Handler, r *http.Request, next caddyhttp.Handler) (joinedAt uint64, ok bool) {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
 	if h.Fanout.MaxClients > 0 && hb.clients >= h.Fanout.MaxClients {
-		return false
+		return 0, false
 	}
 	hb.clients++
 	if _, ok := hb.sources[h]; !ok {
@@ -470,7 +474,7 @@ func (hb *hub) join(h *Handler, r *http.Request, next caddyhttp.Handler) bool {
 	if (hb.up == nil || hb.up.orphan) && !hb.destroyed {
 		hb.startUpstreamLocked()
 	}
-	return true
+	return hb.seq, true
 }
 
 func (hb *hub) leave() {
@@ -501,22 +505,23 @@ func (hb *hub) waitStream(ctx context.Context) (http.Header, int, bool) {
 }
 
 // position is where a new client starts reading: after its Last-Event-ID
-// if the cache has it, otherwise at the live end (reset is true when an id
+// if the cache has it, otherwise where it joined (reset is true when an id
 // was asked for and not found), minus replayOnConnect for a client that
 // asked for none. Taken under the hub's lock, so nothing is missed or sent
 // twice between the replay and the live stream.
-func (hb *hub) position(lastID string, replayOnConnect int) (cursor, behind uint64, reset, found bool) {
+func (hb *hub) position(lastID string, replayOnConnect int, joinedAt uint64) (cursor, behind uint64, reset, found bool) {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
 	if lastID != "" {
 		if seq, ok := hb.buf.find(lastID); ok {
 			return seq, hb.seq - seq, false, true
 		}
-		return hb.seq, 0, true, false
+		return joinedAt, 0, true, false
 	}
 	held, _ := hb.buf.stats()
-	back := uint64(min(replayOnConnect, held))
-	return hb.seq - back, back, false, false
+	heldBefore := max(held-int(hb.seq-joinedAt), 0)
+	back := uint64(min(replayOnConnect, heldBefore))
+	return joinedAt - back, back, false, false
 }
 
 // fanoutClient is the delivery loop of one client, run on the client's
