@@ -99,10 +99,11 @@ type Fanout struct {
 	MaxClients      int `json:"max_clients,omitempty"`
 	MaxClientsTotal int `json:"max_clients_total,omitempty"`
 
-	linger  time.Duration
-	clients atomic.Int64 // connected clients of this handler
-	mu      sync.Mutex
-	runs    map[*hub]struct{} // hubs this handler is a source of
+	linger     time.Duration
+	poolPrefix string       // the hub settings, which are part of every pool key
+	clients    atomic.Int64 // connected clients of this handler
+	mu         sync.Mutex
+	runs       map[*hub]struct{} // hubs this handler is a source of
 }
 
 func (f *Fanout) provision() {
@@ -333,7 +334,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 
 	key := h.fanoutKey(r)
 	cfg := h.hubConfig()
-	poolKey := fmt.Sprintf("%v\x00%s", cfg, key)
+	poolKey := f.poolPrefix + key
 	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
 		return newHub(poolKey, h.hashKey(key), cfg, h.logger), nil
 	})

@@ -140,6 +140,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.Fanout != nil {
 		h.Fanout.provision()
+		// Handlers share a hub only when they agree on its settings.
+		h.Fanout.poolPrefix = fmt.Sprintf("%v\x00", h.hubConfig())
 	}
 	return nil
 }
