@@ -315,16 +315,56 @@ function figuresTable(streams) {
     rows.map(line).join('\n');
 }
 
+// metricSums adds up the samples of a Prometheus text exposition by
+// metric name and one label (e.g. encoding), for the plugin's caddy_sse_*.
+function metricSums(text) {
+  const sums = {};
+  for (const line of text.split('\n')) {
+    const m = /^(caddy_sse_[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$/.exec(line);
+    if (!m) continue;
+    const enc = /encoding="([^"]+)"/.exec(m[2] || '');
+    const mode = /mode="([^"]+)"/.exec(m[2] || '');
+    for (const key of [m[1], m[1] + '/' + (enc ? enc[1] : ''), m[1] + '@' + (mode ? mode[1] : '')]) {
+      sums[key] = (sums[key] || 0) + Number(m[3]);
+    }
+  }
+  return sums;
+}
+
+function kib(n) { return (n / 1024).toFixed(1) + ' KiB'; }
+
+// summary is the line a person reads first: how many clients share how
+// many upstream connections, and what compression saved.
+async function summary() {
+  const resp = await fetch('/admin/metrics', { cache: 'no-store' });
+  if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+  const m = metricSums(await resp.text());
+  const clients = m['caddy_sse_clients_active@fanout'] || 0;
+  const hubs = m['caddy_sse_streams_active@fanout'] || 0;
+  const lines = [`fan-out: ${clients} client(s) on ${hubs} upstream connection(s); ` +
+    `${m['caddy_sse_upstream_connects_total'] || 0} upstream connect(s) so far, ` +
+    `${m['caddy_sse_events_replayed_total'] || 0} event(s) replayed to reconnecting clients`];
+  for (const enc of ['zstd', 'gzip', 'identity']) {
+    const raw = m['caddy_sse_bytes_uncompressed_total/' + enc] || 0;
+    const wire = m['caddy_sse_bytes_written_total/' + enc] || 0;
+    if (raw > 0) lines.push(`${enc}: ${kib(wire)} on the wire for ${kib(raw)} of stream` +
+      (enc === 'identity' ? '' : ` (${Math.round(100 * (1 - wire / raw))}% saved)`));
+  }
+  return lines.join('\n');
+}
+
 async function pollFigures() {
   const pre = document.getElementById('figures-streams');
+  let head = '';
+  try { head = await summary() + '\n\n'; } catch (e) { head = `metrics not available (${e.message || e})\n\n`; }
   try {
     const resp = await fetch('/admin/sse/streams', { cache: 'no-store' });
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     const text = await resp.text();
     try {
       const data = JSON.parse(text);
-      pre.textContent = figuresTable(data.streams || []) + '\n\n' + JSON.stringify(data, null, 2);
-    } catch { pre.textContent = text; }
+      pre.textContent = head + figuresTable(data.streams || []) + '\n\n' + JSON.stringify(data, null, 2);
+    } catch { pre.textContent = head + text; }
   } catch (e) {
     pre.textContent = `not available (${e.message || e})`;
   }
