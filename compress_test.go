@@ -945,7 +945,9 @@ func idleBackend(t testing.TB, warm [][]byte) string {
 
 // idleClient opens a stream, decodes it until the "ready" event, then drops
 // its decoder and only keeps reading (so that it holds no decoder memory).
-func idleClient(tr *http.Transport, url, acceptEncoding string, ready chan<- error) (stop func()) {
+// When connected is not nil, the outcome of the request is sent there
+// first; ready gets the outcome of decoding up to "ready".
+func idleClient(tr *http.Transport, url, acceptEncoding string, connected, ready chan<- error) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -956,8 +958,12 @@ func idleClient(tr *http.Transport, url, acceptEncoding string, ready chan<- err
 			req.Header.Set("Accept-Encoding", acceptEncoding)
 		}
 		resp, err := tr.RoundTrip(req)
-		if err != nil {
+		if connected != nil {
+			connected <- err
+		} else if err != nil {
 			ready <- err
+		}
+		if err != nil {
 			return
 		}
 		defer resp.Body.Close()
@@ -1044,14 +1050,14 @@ func BenchmarkIdleStreamMemory(b *testing.B) {
 			defer tr.CloseIdleConnections()
 			// One stream first, so lazily built things are not counted.
 			ready := make(chan error, n+1)
-			stopFirst := idleClient(tr, base+"/events", v.ae, ready)
+			stopFirst := idleClient(tr, base+"/events", v.ae, nil, ready)
 			if err := <-ready; err != nil {
 				b.Fatal(err)
 			}
 			heap0, stack0 := liveMemory()
 			stops := make([]func(), n)
 			for i := range stops {
-				stops[i] = idleClient(tr, base+"/events", v.ae, ready)
+				stops[i] = idleClient(tr, base+"/events", v.ae, nil, ready)
 			}
 			for range n {
 				if err := <-ready; err != nil {

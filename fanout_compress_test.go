@@ -3,17 +3,13 @@ package caddysse
 import (
 	"bytes"
 	"cmp"
-	"compress/gzip"
-	"context"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/klauspost/compress/zstd"
 	"go.uber.org/zap"
 )
 
@@ -443,71 +439,6 @@ func BenchmarkSharedCompressionChurn(b *testing.B) {
 	}
 }
 
-// fanoutIdleClient opens a stream and reports on connected once it is
-// positioned (the response header came), then decodes until an event of
-// type ready, reports on ready, drops its decoder (so that it holds no
-// decoder memory) and keeps reading.
-func fanoutIdleClient(tr *http.Transport, url, acceptEncoding string, connected, ready chan<- error) (stop func()) {
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		req.Header.Set("Accept", "text/event-stream")
-		if acceptEncoding != "" {
-			req.Header.Set("Accept-Encoding", acceptEncoding)
-		}
-		resp, err := tr.RoundTrip(req)
-		connected <- err
-		if err != nil {
-			return
-		}
-		defer resp.Body.Close()
-		err = func() error {
-			if ce := resp.Header.Get("Content-Encoding"); ce != acceptEncoding {
-				return fmt.Errorf("Content-Encoding %q, want %q", ce, acceptEncoding)
-			}
-			var dec io.Reader = resp.Body
-			switch acceptEncoding {
-			case "gzip":
-				zr, err := gzip.NewReader(resp.Body)
-				if err != nil {
-					return err
-				}
-				dec = zr
-			case "zstd":
-				zr, err := zstd.NewReader(resp.Body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
-				if err != nil {
-					return err
-				}
-				defer zr.Close()
-				dec = zr
-			}
-			var got []byte
-			buf := make([]byte, 4096)
-			for !bytes.Contains(got, []byte("event: ready\n")) {
-				n, err := dec.Read(buf)
-				got = append(got, buf[:n]...)
-				if err != nil {
-					return err
-				}
-			}
-			return nil
-		}()
-		ready <- err
-		if err != nil {
-			return
-		}
-		var small [512]byte
-		for {
-			if _, err := resp.Body.Read(small[:]); err != nil {
-				return
-			}
-		}
-	}()
-	return func() { cancel(); <-done }
-}
-
 // BenchmarkFanoutIdleMemory holds N fan-out clients of one stream open
 // through a real Caddy, uncompressed and compressed, and reports the
 // memory of the whole process (heap after GC plus stacks) per client:
@@ -533,7 +464,7 @@ func BenchmarkFanoutIdleMemory(b *testing.B) {
 			// One client first, so that the hub and its compressor are not
 			// counted.
 			connected, ready := make(chan error, n+1), make(chan error, n+1)
-			stops := []func(){fanoutIdleClient(tr, base+"/events", ae, connected, ready)}
+			stops := []func(){idleClient(tr, base+"/events", ae, connected, ready)}
 			if err := <-connected; err != nil {
 				b.Fatal(err)
 			}
@@ -543,7 +474,7 @@ func BenchmarkFanoutIdleMemory(b *testing.B) {
 			}
 			heap0, stack0 := liveMemory()
 			for range n {
-				stops = append(stops, fanoutIdleClient(tr, base+"/events", ae, connected, ready))
+				stops = append(stops, idleClient(tr, base+"/events", ae, connected, ready))
 			}
 			for range n {
 				if err := <-connected; err != nil {
