@@ -88,6 +88,30 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{in: `sse {
 			fanout extra
 		}`, err: "wrong argument count"},
+		{in: `sse {
+			compress zstd gzip
+		}`, want: Handler{Compress: []string{"zstd", "gzip"}}},
+		{in: `sse {
+			compress gzip
+		}`, want: Handler{Compress: []string{"gzip"}}},
+		{in: `sse {
+			compress off
+		}`, want: Handler{Compress: []string{"off"}}},
+		{in: `sse {
+			compress
+		}`, err: "wrong argument count"},
+		{in: `sse {
+			compress zstd lz4
+		}`, err: "compress: unknown encoding 'lz4'"},
+		{in: `sse {
+			compress br
+		}`, err: "compress: encoding 'br' is not supported"},
+		{in: `sse {
+			compress off gzip
+		}`, err: "compress: off cannot be combined"},
+		{in: `sse {
+			compress gzip gzip
+		}`, err: "compress: encoding 'gzip' listed twice"},
 	} {
 		var h Handler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))

@@ -23,7 +23,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	kgzip "github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 )
@@ -80,53 +79,8 @@ func TestNegotiateEncoding(t *testing.T) {
 	}
 }
 
+// The compress option's Caddyfile cases are in TestUnmarshalCaddyfile.
 func TestCompressOption(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want []string
-		err  string
-	}{
-		{in: `sse {
-			compress zstd gzip
-		}`, want: []string{"zstd", "gzip"}},
-		{in: `sse {
-			compress gzip
-		}`, want: []string{"gzip"}},
-		{in: `sse {
-			compress off
-		}`, want: []string{"off"}},
-		{in: `sse {
-			compress
-		}`, err: "wrong argument count"},
-		{in: `sse {
-			compress zstd lz4
-		}`, err: "compress: unknown encoding 'lz4'"},
-		{in: `sse {
-			compress br
-		}`, err: "compress: encoding 'br' is not supported"},
-		{in: `sse {
-			compress off gzip
-		}`, err: "compress: off cannot be combined"},
-		{in: `sse {
-			compress gzip gzip
-		}`, err: "compress: encoding 'gzip' listed twice"},
-	} {
-		var h Handler
-		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
-		if tc.err != "" {
-			if err == nil || !strings.Contains(err.Error(), tc.err) {
-				t.Errorf("%s: error %v, want one containing %q", tc.in, err, tc.err)
-			}
-			continue
-		}
-		if err != nil {
-			t.Errorf("%s: %v", tc.in, err)
-			continue
-		}
-		if fmt.Sprint(h.Compress) != fmt.Sprint(tc.want) {
-			t.Errorf("%s: Compress = %q, want %q", tc.in, h.Compress, tc.want)
-		}
-	}
 	// JSON goes through Validate.
 	for _, tc := range []struct {
 		list []string
