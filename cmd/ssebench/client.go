@@ -54,6 +54,11 @@ type loadStats struct {
 	// Content-Encoding of the responses: identity, gzip, zstd, other.
 	encodings [4]atomic.Int64
 
+	// wire counts the bytes the clients read from their sockets (response
+	// bodies as sent: compressed, with chunk framing), sampled at the
+	// window's edges like the proxy's CPU time.
+	wire atomic.Int64
+
 	errMu    sync.Mutex
 	firstErr string
 }
@@ -216,7 +221,7 @@ func (g *loadGen) client(sem chan struct{}, done chan<- struct{}) {
 		s.noteErr(err)
 		return
 	}
-	br := bufio.NewReaderSize(c, 4096)
+	br := bufio.NewReaderSize(wireCounter{c, &s.wire}, 4096)
 	h, err := readResponseHead(br)
 	if err != nil {
 		if s.phase.Load() != phaseDone {
@@ -455,4 +460,16 @@ func (s *loadStats) recordEvent(ls *lineStats, seq uint64, lat int64) {
 	if s.burst != nil {
 		s.burst.record(seq, lat)
 	}
+}
+
+// wireCounter counts the bytes read from a connection.
+type wireCounter struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (w wireCounter) Read(p []byte) (int, error) {
+	n, err := w.r.Read(p)
+	w.n.Add(int64(n))
+	return n, err
 }

@@ -581,12 +581,14 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 	live0 := stats.connected.Load() - stats.disconnect.Load()
 	self0 := selfCPU()
 	s0 := sample()
+	wire0 := stats.wire.Load()
 	em.atomically(func(last uint64) { seq0 = last; stats.openWindow(last) })
 	if err := sleepCtx(ctx, cfg.duration); err != nil {
 		return res, err
 	}
 	em.atomically(func(last uint64) { seq1 = last; stats.closeWindow(last) })
 	s1 := sample()
+	wire1 := stats.wire.Load()
 	self1 := selfCPU()
 	res.Upstreams = em.open.Load()
 	if kind == "direct" {
@@ -645,6 +647,10 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 		burstSummary(&res, stats.burst, seq0, seq1, live0)
 	}
 	res.Comments = float64(stats.comments.Load()) / float64(max(live0, 1))
+	res.WireBytes = wire1 - wire0
+	if res.Expected > 0 {
+		res.WirePerEv = float64(res.WireBytes) / res.Expected
+	}
 	res.Encoding = stats.encodingSummary()
 	stats.errMu.Lock()
 	res.FirstErr = stats.firstErr
@@ -686,6 +692,9 @@ func summary(r result) string {
 	}
 	if r.Encoding != "" && r.Encoding != "identity" {
 		s += "; Content-Encoding " + r.Encoding
+	}
+	if r.WirePerEv > 0 {
+		s += fmt.Sprintf("; %.1f wire bytes per event and client", r.WirePerEv)
 	}
 	if r.Bursts > 0 {
 		s += fmt.Sprintf("; bursts: %d, median completion %.1f ms, %.0f deliveries/s", r.Bursts, r.BurstComplete, r.BurstPerSec)

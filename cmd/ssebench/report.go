@@ -43,8 +43,10 @@ type result struct {
 	BaseRSS    int64   `json:"proxy_idle_rss"`
 	RSS        int64   `json:"proxy_rss"`
 	KiBPerConn float64 `json:"proxy_kib_per_client"`
-	GenCPUPct  float64 `json:"bench_cpu_pct"`            // the bench process itself (emitter + clients)
-	Comments   float64 `json:"comment_lines_per_client"` // heartbeats and other comment lines received in the window
+	GenCPUPct  float64 `json:"bench_cpu_pct"`                  // the bench process itself (emitter + clients)
+	Comments   float64 `json:"comment_lines_per_client"`       // heartbeats and other comment lines received in the window
+	WireBytes  int64   `json:"wire_bytes,omitempty"`           // bytes the clients read from their sockets during the window
+	WirePerEv  float64 `json:"wire_bytes_per_event,omitempty"` // WireBytes / (Emitted x clients connected)
 
 	BurstPerSec   float64 `json:"burst_deliveries_per_s,omitempty"`
 	BurstComplete float64 `json:"burst_completion_ms,omitempty"` // median over bursts
