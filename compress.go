@@ -837,9 +837,20 @@ func (hb *hub) detachShared(w *sharedWriter) {
 }
 
 // noteWaitingLocked tells the hub whether the client waits for an epoch
-// start. The hub's lock is held.
-func (hb *hub) noteWaitingLocked(w *sharedWriter) {
-	if wait := !w.synced; wait != w.waiting {
+// start: it is out of sync, and the events it is about to write (batch)
+// hold none (a client replaying from the cache usually finds one there).
+// The hub's lock is held.
+func (hb *hub) noteWaitingLocked(w *sharedWriter, batch []*event) {
+	wait := !w.synced
+	for _, ev := range batch {
+		if !wait {
+			break
+		}
+		if ev.z != nil && ev.z.b[w.enc] != nil && ev.z.start[w.enc] {
+			wait = false
+		}
+	}
+	if wait != w.waiting {
 		w.waiting = wait
 		if wait {
 			hb.zc[w.enc].waiting++

@@ -582,7 +582,7 @@ func (c *fanoutClient) run(ctx context.Context, first []byte) error {
 		batch, ok = hb.buf.after(batch[:0], c.cursor, maxBatch)
 		lag, nowBeats, wake, gone := hb.seq-c.cursor, hb.beats, hb.wake, hb.destroyed || (hb.failed && hb.up == nil)
 		if c.z != nil {
-			hb.noteWaitingLocked(c.z)
+			hb.noteWaitingLocked(c.z, batch)
 		}
 		hb.mu.Unlock()
 		if !ok || (lag > c.queue && lag >= prevLag) {

@@ -276,7 +276,7 @@ func (bh *benchHub) deliver(tb testing.TB, c *fanoutClient) {
 	hb.mu.Lock()
 	bh.batch, _ = hb.buf.after(bh.batch[:0], c.cursor, maxBatch)
 	if c.z != nil {
-		hb.noteWaitingLocked(c.z)
+		hb.noteWaitingLocked(c.z, bh.batch)
 	}
 	hb.mu.Unlock()
 	if len(bh.batch) > 0 {
@@ -505,5 +505,93 @@ func BenchmarkFanoutIdleMemory(b *testing.B) {
 		for _, enc := range []string{"gzip", "zstd"} {
 			b.Logf("fanout/%s: %.1f KiB/client, %+.1f KiB over fanout/identity", enc, results[enc]/1024, (results[enc]-results["identity"])/1024)
 		}
+	}
+}
+
+// The framing of a shared-compression client, without Caddy: own bytes
+// larger than one stored deflate block (65535 B) or one raw zstd block
+// (16 KiB), events larger than that, own bytes inside a shared zstd frame
+// (a heartbeat) and epoch restarts; after every flush what was written
+// decodes at once, and the end of the stream is valid (gzip trailer).
+func TestSharedWriterFraming(t *testing.T) {
+	for _, enc := range []string{"gzip", "zstd"} {
+		t.Run(enc, func(t *testing.T) {
+			bh := newBenchHub(t, 0, enc, false)
+			defer bh.close()
+			h := &Handler{Padding: new(int)}
+			*h.Padding = maxPadding
+			if err := h.Provision(benchContext()); err != nil {
+				t.Fatal(err)
+			}
+			var wire bytes.Buffer
+			c := &fanoutClient{hub: bh.hb, h: h, queue: 1 << 20, encoding: enc}
+			c.out = newClientConn(&recordingWriter{header: http.Header{}, buf: &wire}, 0)
+			c.z = bh.hb.attachShared(enc)
+			bh.clients = append(bh.clients, c)
+			prelude := h.preludeFor(enc)
+			if len(prelude) <= gzipStoredMax {
+				t.Fatalf("prelude of %d bytes fits one stored block", len(prelude))
+			}
+			want := string(prelude)
+			check := func(what string) {
+				t.Helper()
+				if got := decodePrefix(t, enc, wire.Bytes(), len(want)); got != want {
+					t.Fatalf("after %s: decoded %q, want %q", what, tail(got), tail(want))
+				}
+			}
+			if err := c.writeOwn(time.Now(), prelude); err != nil {
+				t.Fatal(err)
+			}
+			check("the prelude")
+			big := []byte("id: big\ndata: " + strings.Repeat("0123456789abcdef", 3<<10) + "\n\n") // 48 KiB
+			events := append(realisticEvents(10), big)
+			events = append(events, realisticEvents(3)...)
+			for i, ev := range events {
+				bh.publish(t, ev)
+				bh.deliver(t, c)
+				want += string(ev)
+				check(fmt.Sprintf("event %d", i+1))
+			}
+			// The first event started an epoch; the client is in sync.
+			cache := bh.hb.cached()
+			if !c.z.synced || !cache[0].z.start[zIndex(enc)] {
+				t.Fatalf("synced %v, first event starts an epoch: %v", c.z.synced, cache[0].z.start)
+			}
+			if enc == "zstd" {
+				// Own raw blocks go into open shared frames: their window
+				// must hold a raw block of the largest size written.
+				fh := cache[0].z.b[zZstd]
+				if !bytes.HasPrefix(fh, zstdOwnFrame[:4]) || fh[4]&0x20 != 0 {
+					t.Fatalf("shared frame header %x", fh[:6])
+				}
+				if window := 1 << (10 + fh[5]>>3); window < zstdRawBlockMax {
+					t.Fatalf("shared frames have a %d B window, below raw blocks of %d", window, zstdRawBlockMax)
+				}
+			}
+			// A heartbeat: written on its own, the next event restarts.
+			bh.hb.mu.Lock()
+			bh.hb.beatLocked()
+			bh.hb.mu.Unlock()
+			if err := c.writeOwn(time.Now(), h.heartbeatBytes); err != nil {
+				t.Fatal(err)
+			}
+			want += string(h.heartbeatBytes)
+			check("a heartbeat")
+			for i, ev := range realisticEvents(3) {
+				bh.publish(t, ev)
+				bh.deliver(t, c)
+				want += string(ev)
+				check(fmt.Sprintf("event %d after the heartbeat", i+1))
+			}
+			if cache := bh.hb.cached(); !cache[len(cache)-3].z.start[zIndex(enc)] || !c.z.synced {
+				t.Fatal("no epoch start after the heartbeat")
+			}
+			if err := c.z.end(&c.out); err != nil {
+				t.Fatal(err)
+			}
+			if got := decodeAll(t, enc, wire.Bytes()); got != want {
+				t.Fatalf("decoded %q at the end", tail(got))
+			}
+		})
 	}
 }
