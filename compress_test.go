@@ -978,6 +978,19 @@ func liveMemory() (heap, stack uint64) {
 	return m.HeapAlloc, m.StackInuse
 }
 
+// reportMemoryPer reports the live memory grown since heap0 and stack0
+// (taken with liveMemory) per each of n units, in total, heap and stack
+// KiB, and returns the total in bytes.
+func reportMemoryPer(b *testing.B, unit string, n int, heap0, stack0 uint64) float64 {
+	heap1, stack1 := liveMemory()
+	heap := float64(int64(heap1-heap0)) / float64(n)
+	stack := float64(int64(stack1-stack0)) / float64(n)
+	b.ReportMetric((heap+stack)/1024, "KiB/"+unit)
+	b.ReportMetric(heap/1024, "heap-KiB/"+unit)
+	b.ReportMetric(stack/1024, "stack-KiB/"+unit)
+	return heap + stack
+}
+
 // BenchmarkIdleStreamMemory holds N idle streams open through a real Caddy
 // and reports the memory of the whole process (heap after GC plus stacks)
 // per stream: Caddy, backend and client alike, so only differences between
@@ -1018,13 +1031,7 @@ func BenchmarkIdleStreamMemory(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			heap1, stack1 := liveMemory()
-			heap := float64(int64(heap1-heap0)) / n
-			stack := float64(int64(stack1-stack0)) / n
-			results[v.name] = heap + stack
-			b.ReportMetric((heap+stack)/1024, "KiB/stream")
-			b.ReportMetric(heap/1024, "heap-KiB/stream")
-			b.ReportMetric(stack/1024, "stack-KiB/stream")
+			results[v.name] = reportMemoryPer(b, "stream", n, heap0, stack0)
 			for range b.N {
 			}
 			for _, stop := range append(stops, stopFirst) {

@@ -487,13 +487,7 @@ func BenchmarkFanoutIdleMemory(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			heap1, stack1 := liveMemory()
-			heap := float64(int64(heap1-heap0)) / n
-			stack := float64(int64(stack1-stack0)) / n
-			results[name] = heap + stack
-			b.ReportMetric((heap+stack)/1024, "KiB/client")
-			b.ReportMetric(heap/1024, "heap-KiB/client")
-			b.ReportMetric(stack/1024, "stack-KiB/client")
+			results[name] = reportMemoryPer(b, "client", n, heap0, stack0)
 			for range b.N {
 			}
 			for _, stop := range stops {
