@@ -242,13 +242,15 @@ func streamRequest(t testing.TB, url string, h2 bool, headers ...string) (*http.
 // receive buffer that never reads, to fill the server's socket buffers.
 func dialStalled(t testing.TB, base string, extraHeaders string) net.Conn {
 	t.Helper()
-	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	host := strings.TrimPrefix(base, "http://")
+	conn, err := net.Dial("tcp", host)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
 	conn.(*net.TCPConn).SetReadBuffer(4096)
-	fmt.Fprintf(conn, "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n%s\r\n", extraHeaders)
+	// The same Host as the other clients: the same fan-out key.
+	fmt.Fprintf(conn, "GET /events HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n%s\r\n", host, extraHeaders)
 	return conn
 }
 
