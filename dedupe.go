@@ -223,6 +223,8 @@ type hub struct {
 	heartbeat  *time.Timer
 	destroyed  bool
 	zc         [numZ]sharedCompressor // one per encoding clients use (compress.go)
+	dlOnce     sync.Once
+	dl         []*deliverer // delivery loops of detached clients (detach.go)
 }
 
 // upstream is one loop that keeps the backend connected through one
@@ -311,12 +313,14 @@ type subscriber struct {
 	endOnce sync.Once
 	ended   chan struct{}
 	reason  endReason
+	poke    func() // wakes whoever serves the client
 }
 
 func (s *subscriber) end(reason endReason) {
 	s.endOnce.Do(func() {
 		s.reason = reason
 		close(s.ended)
+		s.poke()
 	})
 }
 
@@ -330,7 +334,14 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		f.clients.Add(-1)
 		return h.refuse(w, "max_clients_total")
 	}
-	defer f.clients.Add(-1)
+	c := &fanoutClient{h: h, queue: uint64(f.ClientQueue)}
+	// Whoever ends the stream releases the client: this request, or the
+	// hub's delivery loop once the connection is handed to it (detach.go).
+	defer func() {
+		if !c.detached {
+			c.release()
+		}
+	}()
 
 	key := h.fanoutKey(r)
 	cfg := h.hubConfig()
@@ -342,20 +353,13 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		return err
 	}
 	hb := v.(*hub)
-	defer h.release(hb)
+	c.hub = hb
 
 	joinedAt, ok := hb.join(h, r, next)
 	if !ok {
 		return h.refuse(w, "max_clients")
 	}
-	joined := true
-	leave := func() {
-		if joined {
-			joined = false
-			hb.leave()
-		}
-	}
-	defer leave()
+	c.joined = true
 
 	header, status, ok := hb.waitStream(r.Context())
 	if !ok {
@@ -364,7 +368,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		}
 		// The backend did not answer with a stream: let this client's own
 		// request get the backend's answer.
-		leave()
+		c.leave()
 		return h.servePassthrough(w, r, next)
 	}
 	lastID := r.Header.Get("Last-Event-ID")
@@ -376,37 +380,36 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		h.metrics.replayMissed()
 	}
 	if lastID != "" && !found && f.OnUnknownID == "backend" {
-		leave()
+		c.leave()
 		return h.servePassthrough(w, r, next)
 	}
+	c.cursor = cursor
 
 	copyStreamHeader(w.Header(), header)
 	prepareStreamHeader(w.Header(), r.ProtoMajor)
 	encoding := h.negotiateStream(w.Header(), clientAcceptEncoding(r))
-	sub := &subscriber{ended: make(chan struct{})}
+	c.encoding = cmp.Or(encoding, encIdentity)
+	c.sub = &subscriber{ended: make(chan struct{}), poke: c.poke}
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
-	if !h.streams.add(sub, srv) {
+	if !h.streams.add(c.sub, srv) {
+		c.sub = nil
 		return caddyhttp.Error(http.StatusServiceUnavailable, errStreamEnded) // shutting down
 	}
-	defer h.streams.remove(sub)
-
-	c := &fanoutClient{hub: hb, cursor: cursor, queue: uint64(f.ClientQueue), sub: sub, h: h,
-		encoding: cmp.Or(encoding, encIdentity)}
-	c.out = newClientConn(wireCounter{ResponseWriter: w, n: &c.wire}, time.Duration(h.WriteTimeout))
 	// A compressed client writes what the hub's shared compressor encoded
 	// once for all clients (compress.go); it holds no compressor itself.
 	c.z = hb.attachShared(encoding)
-	defer hb.detachShared(c.z)
-	w.WriteHeader(status)
 	first := h.preludeFor(encoding)
 	if reset {
 		first = append(append([]byte(nil), first...), resetEvent(f.ResetEvent, lastID)...)
 		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")
 	}
-	err = c.run(r.Context(), first)
-	if c.z != nil && c.clean {
-		_ = c.z.end(&c.out) // the trailer; the client is still there
+	if c.detach(w, r, status, first) {
+		return nil
 	}
+	c.out = newClientConn(wireCounter{ResponseWriter: w, n: &c.wire}, time.Duration(h.WriteTimeout))
+	w.WriteHeader(status)
+	err = c.run(r.Context(), first)
+	c.endEncoding()
 	return err
 }
 
@@ -443,6 +446,38 @@ func copyStreamHeader(dst, src http.Header) {
 	}
 	for _, k := range hopHeaders {
 		dst.Del(k)
+	}
+}
+
+// leave takes the client out of its hub's count before its request is
+// served some other way.
+func (c *fanoutClient) leave() {
+	if c.joined {
+		c.joined = false
+		c.hub.leave()
+	}
+}
+
+// release undoes what admitting the client did, once its stream is over.
+func (c *fanoutClient) release() {
+	if c.z != nil {
+		c.hub.detachShared(c.z)
+	}
+	if c.sub != nil {
+		c.h.streams.remove(c.sub)
+	}
+	c.leave()
+	if c.hub != nil {
+		c.h.release(c.hub)
+	}
+	c.h.Fanout.clients.Add(-1)
+}
+
+// endEncoding finishes a compressed stream (gzip trailer, last zstd block)
+// when the stream ended on our side and the client is still there.
+func (c *fanoutClient) endEncoding() {
+	if c.z != nil && c.clean {
+		_ = c.z.end(&c.out)
 	}
 }
 
@@ -525,8 +560,10 @@ func (hb *hub) position(lastID string, replayOnConnect int, joinedAt uint64) (cu
 	return joinedAt - back, back, false, false
 }
 
-// fanoutClient is the delivery loop of one client, run on the client's
-// own request goroutine: no goroutine, timer or queue of its own.
+// fanoutClient is one client of a hub: a cursor into the hub's cache and
+// the connection its events are written to. It is served either on its
+// own request goroutine (run) or, once its connection is handed over, by
+// the hub's delivery loop (detach.go); both go through step.
 type fanoutClient struct {
 	hub      *hub
 	h        *Handler
@@ -534,11 +571,26 @@ type fanoutClient struct {
 	sub      *subscriber
 	cursor   uint64
 	queue    uint64
+	beats    uint64 // the hub's heartbeat count last answered
+	prevLag  uint64
 	encoding string
 	z        *sharedWriter // a compressed stream's writer; nil for identity
 	wire     int64         // bytes on the wire, after compression
 	counted  int64         // wire bytes already reported to the metrics
 	clean    bool          // the stream ended on our side, not by a failed write
+	joined   bool          // counted in the hub's clients
+	detached bool          // served by the hub's delivery loop (detach.go)
+	wc       *wireConn     // the handed-over connection, when detached
+	dl       atomic.Pointer[deliverer]
+	peerGone atomic.Bool // the detached connection was closed by the client
+	maxAge   *time.Timer
+}
+
+// poke wakes the delivery loop of a detached client.
+func (c *fanoutClient) poke() {
+	if d := c.dl.Load(); d != nil {
+		d.poke()
+	}
 }
 
 // flushed reports a batch of raw bytes and the wire bytes they became.
@@ -557,61 +609,44 @@ func (c *fanoutClient) writeFailed(err error) error {
 	return nil
 }
 
-func (c *fanoutClient) run(ctx context.Context, first []byte) error {
+// start writes the client's first bytes and takes the hub's heartbeat
+// count, so that only heartbeats due from now on are written.
+func (c *fanoutClient) start(first []byte) error {
+	c.prevLag = ^uint64(0)
+	c.hub.mu.Lock()
+	c.beats = c.hub.beats
+	c.hub.mu.Unlock()
 	if err := c.writeOwn(time.Now(), first); err != nil {
 		return c.writeFailed(err)
 	}
+	return nil
+}
+
+// maxAgeAfter is when a stream ends under max_age: 80-100% of it.
+func (c *fanoutClient) maxAgeAfter() time.Duration {
+	return time.Duration(float64(c.h.MaxAge) * (0.8 + 0.2*rand.Float64()))
+}
+
+// run serves the client on its request goroutine until its stream ends.
+func (c *fanoutClient) run(ctx context.Context, first []byte) error {
+	if err := c.start(first); err != nil {
+		return err
+	}
 	var (
-		batch   []*event
-		beats   uint64
-		prevLag = ^uint64(0)
-		maxAge  <-chan time.Time
+		batch  []*event
+		maxAge <-chan time.Time
 	)
 	if c.h.MaxAge > 0 {
-		t := time.NewTimer(time.Duration(float64(c.h.MaxAge) * (0.8 + 0.2*rand.Float64())))
+		t := time.NewTimer(c.maxAgeAfter())
 		defer t.Stop()
 		maxAge = t.C
 	}
-	hb := c.hub
-	hb.mu.Lock()
-	beats = hb.beats
-	hb.mu.Unlock()
 	for {
-		hb.mu.Lock()
-		var ok bool
-		batch, ok = hb.buf.after(batch[:0], c.cursor, maxBatch)
-		lag, nowBeats, wake, gone := hb.seq-c.cursor, hb.beats, hb.wake, hb.destroyed || (hb.failed && hb.up == nil)
-		if c.z != nil {
-			hb.noteWaitingLocked(c.z, batch)
-		}
-		hb.mu.Unlock()
-		if !ok || (lag > c.queue && lag >= prevLag) {
-			hb.logger.Warn("client fell behind the stream; disconnecting it (it resumes from the cache)",
-				zap.Uint64("behind", lag), zap.Bool("evicted", !ok))
-			c.h.metrics.slowClientCut(modeFanout)
+		var wake <-chan struct{}
+		var done bool
+		wake, done, batch = c.step(batch)
+		if done {
 			return nil
-		}
-		prevLag = lag
-		now := time.Now()
-		switch {
-		case len(batch) > 0:
-			if err := c.deliver(now, batch); err != nil {
-				return c.writeFailed(err)
-			}
-			clear(batch) // hold no evicted event
-			// A heartbeat due meanwhile is moot: the client just got events.
-			// (Written now, it would also take a compressed client out of
-			// the shared epoch the heartbeat's restart began.)
-			beats = nowBeats
-			continue
-		case nowBeats != beats:
-			beats = nowBeats
-			if err := c.writeOwn(now, c.h.heartbeatBytes); err != nil {
-				return c.writeFailed(err)
-			}
-			c.h.metrics.heartbeatsSent(modeFanout, 1)
-		case gone:
-			return c.finish(endBackend)
 		}
 		select {
 		case <-wake:
@@ -625,6 +660,64 @@ func (c *fanoutClient) run(ctx context.Context, first []byte) error {
 	}
 }
 
+// step writes what is due: the events after the cursor (in batches of
+// one flush each), or a heartbeat. It returns the channel the hub closes
+// when there is more, or done when the client's stream is over (cut off
+// for falling behind, failed, or its upstream gone). batch is scratch
+// space, handed back for reuse.
+func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ []*event) {
+	hb := c.hub
+	for {
+		hb.mu.Lock()
+		var ok bool
+		batch, ok = hb.buf.after(batch[:0], c.cursor, maxBatch)
+		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil)
+		wake = hb.wake
+		if c.z != nil {
+			hb.noteWaitingLocked(c.z, batch)
+		}
+		hb.mu.Unlock()
+		if !ok || (lag > c.queue && lag >= c.prevLag) {
+			clear(batch)
+			c.cutBehind(lag, !ok)
+			return nil, true, batch
+		}
+		c.prevLag = lag
+		now := time.Now()
+		switch {
+		case len(batch) > 0:
+			err := c.deliver(now, batch)
+			clear(batch) // hold no evicted event
+			if err != nil {
+				return nil, true, batch
+			}
+			// A heartbeat due meanwhile is moot: the client just got events.
+			// (Written now, it would also take a compressed client out of
+			// the shared epoch the heartbeat's restart began.)
+			c.beats = nowBeats
+			continue
+		case nowBeats != c.beats:
+			c.beats = nowBeats
+			if err := c.writeOwn(now, c.h.heartbeatBytes); err != nil {
+				_ = c.writeFailed(err)
+				return nil, true, batch
+			}
+			c.h.metrics.heartbeatsSent(modeFanout, 1)
+		case gone:
+			_ = c.finish(endBackend)
+			return nil, true, batch
+		}
+		return wake, false, batch
+	}
+}
+
+// cutBehind disconnects a client that fell behind the stream.
+func (c *fanoutClient) cutBehind(lag uint64, evicted bool) {
+	c.hub.logger.Warn("client fell behind the stream; disconnecting it (it resumes from the cache)",
+		zap.Uint64("behind", lag), zap.Bool("evicted", evicted))
+	c.h.metrics.slowClientCut(modeFanout)
+}
+
 // deliver writes a batch of events with one flush and moves the cursor.
 func (c *fanoutClient) deliver(now time.Time, batch []*event) error {
 	raw := 0
@@ -636,13 +729,13 @@ func (c *fanoutClient) deliver(now time.Time, batch []*event) error {
 			err = c.out.write(now, ev.data)
 		}
 		if err != nil {
-			return err
+			return c.failed(err)
 		}
 		raw += len(ev.data)
 	}
 	c.cursor = batch[len(batch)-1].seq
 	if err := c.flush(now); err != nil {
-		return err
+		return c.failed(err)
 	}
 	c.h.metrics.eventsForwarded(modeFanout, len(batch))
 	c.flushed(raw)
@@ -667,6 +760,12 @@ func (c *fanoutClient) writeOwn(now time.Time, p []byte) error {
 	}
 	c.flushed(len(p))
 	return nil
+}
+
+// failed reports a failed write and returns it.
+func (c *fanoutClient) failed(err error) error {
+	_ = c.writeFailed(err)
+	return err
 }
 
 // flush pushes out what was written (the header too).

@@ -441,6 +441,9 @@ func TestFanoutReloadLosesNothing(t *testing.T) {
 	if !strings.Contains(string(got), "retry: ") {
 		t.Fatalf("old stream ended without a retry hint: %q", got)
 	}
+	if c.err != io.EOF {
+		t.Fatalf("old stream ended with %v, want a clean end", c.err)
+	}
 	// Events emitted while the client is away.
 	e.emit("data: 1\n\n")
 	e.emit("data: 2\n\n")

@@ -1,0 +1,272 @@
+package caddysse
+
+import (
+	"bufio"
+	"errors"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// A fan-out client on plain HTTP/1.1 needs nothing of net/http once its
+// header is sent: it only receives bytes the hub already has. Keeping it
+// in net/http costs a handler goroutine (whose stack Caddy's chain grows to
+// 16 KiB), a background reader, ~10 KiB of buffers and, per event, a
+// goroutine wake-up, a deadline reset and a chunked write. So its
+// connection is handed over: taken from net/http (Hijack) and written by
+// the hub's delivery loops, a few goroutines for all of its clients, each
+// write a single non-blocking syscall for everything due to that client.
+// A write the socket cannot take at once is finished by a goroutine of its
+// own (wireConn.drain), so that one slow reader never holds up the loop.
+//
+// The response is delimited by the end of the connection, not chunked
+// ("Transfer-Encoding: identity" tells net/http so), as the SSE spec
+// suggests: there is then no framing to write around each event.
+//
+// HTTP/2 and HTTP/3 streams, TLS connections and HTTP/1.0 stay on their
+// request goroutine (run).
+
+// detach hands the client's connection over to the hub, after writing the
+// header through the handlers that wrap this one (so their header changes
+// and Caddy's access log see it). It reports false, with nothing written,
+// when the client must stay on its request goroutine.
+func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int, first []byte) bool {
+	if r.ProtoMajor != 1 || r.ProtoMinor < 1 || r.TLS != nil {
+		return false
+	}
+	hj, ok := innermost(w).(http.Hijacker)
+	if !ok {
+		return false
+	}
+	w.Header().Set("Transfer-Encoding", "identity")
+	w.WriteHeader(status)
+	if err := http.NewResponseController(w).Flush(); err != nil {
+		return true // the client is gone; nothing more to do
+	}
+	conn, brw, err := hj.Hijack()
+	if err != nil {
+		// The header is out, unchunked: the stream goes on from here.
+		c.h.logger.Debug("could not take over a fan-out connection; serving it on its request", zap.Error(err))
+		return false
+	}
+	c.detached = true
+	// Deadlines net/http or Caddy set for the request no longer apply.
+	_ = conn.SetDeadline(time.Time{})
+	c.wc = newWireConn(conn, time.Duration(c.h.WriteTimeout), c.poke)
+	c.out = clientConn{w: wireCounter{ResponseWriter: c.wc, n: &c.wire}, rc: http.NewResponseController(c.wc)}
+	if err := c.start(first); err != nil || c.wc.failed() != nil {
+		c.wc.abort()
+		c.release()
+		return true
+	}
+	if c.h.MaxAge > 0 {
+		c.maxAge = time.AfterFunc(c.maxAgeAfter(), func() { c.sub.end(endMaxAge) })
+	}
+	go c.watchPeer(conn, brw.Reader)
+	c.hub.deliverTo(c)
+	return true
+}
+
+// innermost unwraps w down to the writer of the server itself.
+func innermost(w http.ResponseWriter) http.ResponseWriter {
+	for {
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			return w
+		}
+		w = u.Unwrap()
+	}
+}
+
+// watchPeer reads the detached connection until the client closes it, so
+// that the client leaves its hub at once rather than at the next write.
+// What a client sends after its request is read and ignored.
+func (c *fanoutClient) watchPeer(conn net.Conn, buffered *bufio.Reader) {
+	var buf [256]byte
+	if buffered != nil && buffered.Buffered() > 0 {
+		_, _ = buffered.Discard(buffered.Buffered())
+	}
+	for {
+		_, err := conn.Read(buf[:])
+		switch {
+		case err == nil:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// One the server left behind after the request (Caddy sets them
+			// through the response it no longer owns): not the client's doing.
+			_ = conn.SetReadDeadline(time.Time{})
+		default:
+			c.peerGone.Store(true)
+			c.poke()
+			return
+		}
+	}
+}
+
+// serveDetached is one turn of the delivery loop for one client. It
+// returns done when the client's stream is over.
+func (c *fanoutClient) serveDetached(batch []*event) (done bool, _ []*event) {
+	if c.peerGone.Load() {
+		c.clean = false
+		return true, batch
+	}
+	if err := c.wc.failed(); err != nil {
+		c.clean = false
+		_ = c.writeFailed(err)
+		return true, batch
+	}
+	ended := false
+	select {
+	case <-c.sub.ended:
+		ended = true
+	default:
+	}
+	if c.wc.draining() {
+		// The client has not taken its last write yet: no more for now. It
+		// still falls behind, or is ended, like any other.
+		if ended {
+			c.clean = false
+			return true, batch
+		}
+		c.hub.mu.Lock()
+		lag := c.hub.seq - c.cursor
+		c.hub.mu.Unlock()
+		if lag > c.queue {
+			c.clean = false
+			c.cutBehind(lag, false)
+			return true, batch
+		}
+		return false, batch
+	}
+	if ended {
+		_ = c.finish(c.sub.reason)
+		return true, batch
+	}
+	_, done, batch = c.step(batch)
+	return done, batch
+}
+
+// closeDetached ends a detached client's stream: the trailer of a
+// compressed stream if it ended cleanly, then the connection (after what
+// is still draining, if anything), and releases it.
+func (c *fanoutClient) closeDetached() {
+	if c.maxAge != nil {
+		c.maxAge.Stop()
+	}
+	c.dl.Store(nil)
+	if c.clean {
+		c.endEncoding()
+		c.wc.close()
+	} else {
+		c.wc.abort()
+	}
+	c.release()
+}
+
+// deliverer is one delivery loop of a hub: a goroutine that runs while it
+// has clients, wakes when the hub publishes (or beats) or a client needs
+// it, and gives each client its turn.
+type deliverer struct {
+	hub     *hub
+	poked   chan struct{}
+	mu      sync.Mutex
+	clients []*fanoutClient
+	running bool
+	// Only the loop's goroutine uses these.
+	turn  []*fanoutClient
+	batch []*event
+}
+
+// deliverTo gives a detached client to the least busy delivery loop.
+// There are as many loops as processors, so that writes to thousands of
+// clients use them all.
+func (hb *hub) deliverTo(c *fanoutClient) {
+	hb.dlOnce.Do(func() {
+		hb.dl = make([]*deliverer, runtime.GOMAXPROCS(0))
+		for i := range hb.dl {
+			hb.dl[i] = &deliverer{hub: hb, poked: make(chan struct{}, 1)}
+		}
+	})
+	var d *deliverer
+	least := -1
+	for _, x := range hb.dl {
+		x.mu.Lock()
+		n := len(x.clients)
+		x.mu.Unlock()
+		if least < 0 || n < least {
+			d, least = x, n
+		}
+	}
+	c.dl.Store(d)
+	d.mu.Lock()
+	d.clients = append(d.clients, c)
+	start := !d.running
+	d.running = true
+	d.mu.Unlock()
+	if start {
+		go d.run()
+	} else {
+		d.poke()
+	}
+}
+
+func (d *deliverer) poke() {
+	select {
+	case d.poked <- struct{}{}:
+	default:
+	}
+}
+
+// run gives every client a turn each time something happened, and ends
+// when the loop has no client left.
+func (d *deliverer) run() {
+	hb := d.hub
+	for {
+		// Taken before the turns: whatever is published during them wakes
+		// the next round.
+		hb.mu.Lock()
+		wake := hb.wake
+		hb.mu.Unlock()
+		d.mu.Lock()
+		d.turn = append(d.turn[:0], d.clients...)
+		d.mu.Unlock()
+		for _, c := range d.turn {
+			var done bool
+			done, d.batch = c.serveDetached(d.batch)
+			if done {
+				d.remove(c)
+				c.closeDetached()
+			}
+		}
+		clear(d.turn)
+		d.mu.Lock()
+		if len(d.clients) == 0 {
+			d.running = false
+			d.mu.Unlock()
+			return
+		}
+		d.mu.Unlock()
+		select {
+		case <-wake:
+		case <-d.poked:
+		}
+	}
+}
+
+func (d *deliverer) remove(c *fanoutClient) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i, x := range d.clients {
+		if x == c {
+			last := len(d.clients) - 1
+			d.clients[i] = d.clients[last]
+			d.clients[last] = nil
+			d.clients = d.clients[:last]
+			return
+		}
+	}
+}

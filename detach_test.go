@@ -1,0 +1,185 @@
+package caddysse
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// detachedClients counts the clients in the delivery loops of base's
+// /events hub.
+func detachedClients(base string) int {
+	n := 0
+	hubs.Range(func(k, v any) bool {
+		if !strings.Contains(k.(string), strings.TrimPrefix(base, "http://")+"/events\x00") {
+			return true
+		}
+		for _, d := range v.(*hub).dl {
+			d.mu.Lock()
+			n += len(d.clients)
+			d.mu.Unlock()
+		}
+		return false
+	})
+	return n
+}
+
+// drainingClients counts the detached clients of base's /events hub whose
+// last write is still being drained.
+func drainingClients(base string) int {
+	n := 0
+	hubs.Range(func(k, v any) bool {
+		if !strings.Contains(k.(string), strings.TrimPrefix(base, "http://")+"/events\x00") {
+			return true
+		}
+		for _, d := range v.(*hub).dl {
+			d.mu.Lock()
+			for _, c := range d.clients {
+				if c.wc.draining() {
+					n++
+				}
+			}
+			d.mu.Unlock()
+		}
+		return false
+	})
+	return n
+}
+
+// goroutinesIn counts the goroutines whose stack holds fn.
+func goroutinesIn(fn string) int {
+	_, stacks := sseGoroutines()
+	n := 0
+	for _, g := range strings.Split(stacks, "\n\n") {
+		if strings.Contains(g, fn) {
+			n++
+		}
+	}
+	return n
+}
+
+// Plain HTTP/1.1 clients are handed over to the hub's delivery loops:
+// their request goroutines return, their responses are delimited by the
+// end of the connection. HTTP/2 clients stay on their requests.
+func TestFanoutHandsOverHTTP1Connections(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"heartbeat": 0}))
+	var h1, h2 []*client
+	for range 6 {
+		h1 = append(h1, openStream(t, base+"/events", false))
+	}
+	for range 2 {
+		h2 = append(h2, openStream(t, base+"/events", true))
+	}
+	e.waitJoined(t, 1)
+	waitHubClients(t, base, 8)
+	e.emit("data: one\n\n")
+	for _, c := range append(h1, h2...) {
+		waitEvents(t, c, 1)
+	}
+	if n := detachedClients(base); n != 6 {
+		t.Fatalf("%d clients in the delivery loops, want the 6 HTTP/1.1 ones", n)
+	}
+	if n := goroutinesIn("(*fanoutClient).run"); n != 2 {
+		t.Fatalf("%d clients served on their request goroutine, want the 2 HTTP/2 ones", n)
+	}
+	r := h1[0].Resp
+	if len(r.TransferEncoding) != 0 || r.ContentLength != -1 || !r.Close {
+		t.Fatalf("HTTP/1.1 stream: Transfer-Encoding %v, Content-Length %d, Close %v; want one delimited by the connection's end",
+			r.TransferEncoding, r.ContentLength, r.Close)
+	}
+
+	// A client that closes its connection leaves at once, with nothing
+	// written to it (no heartbeats here) to find out.
+	h1[0].close()
+	waitHubClients(t, base, 7)
+	if n := detachedClients(base); n != 5 {
+		t.Fatalf("%d clients in the delivery loops after one left, want 5", n)
+	}
+	e.emit("data: two\n\n")
+	for _, c := range append(h1[1:], h2...) {
+		if got := datas(waitEvents(t, c, 2)); got != "one,two" {
+			t.Fatalf("client got %q", got)
+		}
+	}
+}
+
+// A detached client whose socket is full gets the rest of its write
+// through a drain, and its next events only after it: once it reads again
+// it gets every event, whole and in order, while the others were served.
+func TestFanoutDetachedSlowReaderGetsEverythingInOrder(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"write_timeout": "20s", "fanout": map[string]any{"client_queue": 1000}}))
+	fast := openStream(t, base+"/events", false)
+	e.waitJoined(t, 1)
+	// A client that does not read, with the kernel's default buffers.
+	host := strings.TrimPrefix(base, "http://")
+	slow, err := net.Dial("tcp", host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	fmt.Fprintf(slow, "GET /events HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", host)
+	waitHubClients(t, base, 2)
+	payload := strings.Repeat("x", 64<<10)
+	const n = 160 // 10 MB: more than the socket buffers of a reader that does not read
+	for i := range n {
+		e.emit(fmt.Sprintf("data: %d %s\n\n", i, payload))
+	}
+	waitEvents(t, fast, n)
+	for deadline := time.Now().Add(5 * time.Second); drainingClients(base) != 1; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d clients waiting on a drain, want the one that does not read", drainingClients(base))
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition with a deadline
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(slow), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	done := make(chan []byte)
+	go func() {
+		var got []byte
+		buf := make([]byte, 64<<10)
+		blocks := 0 // blank lines seen: at least one per event
+		for {
+			k, err := resp.Body.Read(buf)
+			from := max(len(got)-1, 0)
+			got = append(got, buf[:k]...)
+			blocks += bytes.Count(got[from:], []byte("\n\n"))
+			if blocks >= n {
+				if ev, _, _ := parseEvents(got); len(ev) >= n {
+					done <- got
+					return
+				}
+			}
+			if err != nil {
+				done <- got
+				return
+			}
+		}
+	}()
+	var got []byte
+	select {
+	case got = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatalf("the slow client did not get its events once it read again ")
+	}
+	evs, _, _ := parseEvents(got)
+	if len(evs) != n {
+		t.Fatalf("slow client got %d events, want %d", len(evs), n)
+	}
+	for i, ev := range evs {
+		if want := fmt.Sprintf("%d %s", i, payload); ev.Data != want {
+			t.Fatalf("event %d: got %.20q..., want %.20q...", i, ev.Data, want)
+		}
+	}
+}
