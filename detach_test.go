@@ -183,3 +183,44 @@ func TestFanoutDetachedSlowReaderGetsEverythingInOrder(t *testing.T) {
 		}
 	}
 }
+
+// max_age ends handed-over clients like the others: at an event boundary,
+// with the retry hint, and a compressed stream with its trailer, so that
+// every decoder sees a clean end.
+func TestFanoutMaxAgeEndsEveryKindOfClient(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, map[string]any{
+		"max_age": "1s", "retry": "250ms", "compress": []string{"gzip", "zstd"}}))
+	clients := map[string]*decodingClient{
+		"HTTP/1.1":      openDecoding(t, base+"/events", false, ""),
+		"HTTP/1.1 gzip": openDecoding(t, base+"/events", false, "gzip"),
+		"HTTP/1.1 zstd": openDecoding(t, base+"/events", false, "zstd"),
+		"HTTP/2 gzip":   openDecoding(t, base+"/events", true, "gzip"),
+	}
+	e.waitJoined(t, 1)
+	waitHubClients(t, base, len(clients))
+	if n := detachedClients(base); n != 3 {
+		t.Fatalf("%d handed-over clients, want the 3 on HTTP/1.1", n)
+	}
+	e.emit("data: before\n\n")
+	for name, c := range clients {
+		c.waitUntil(t, name+" event", func(s string) bool { return strings.Contains(s, "data: before") })
+	}
+	for name, c := range clients {
+		select {
+		case <-c.done:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: still open 5s after a 1s max_age", name)
+		}
+		got, _ := c.state()
+		if c.err != nil {
+			t.Fatalf("%s: stream ended with %v, want a clean end", name, c.err)
+		}
+		if !strings.HasSuffix(got, "retry: 250\n\n") {
+			t.Fatalf("%s: did not end with the retry hint: %q", name, tail(got))
+		}
+	}
+	// Every client released: with linger 0 the hub is gone.
+	waitHubsGone(t, strings.TrimPrefix(base, "http://"))
+}
