@@ -403,6 +403,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		first = append(append([]byte(nil), first...), resetEvent(f.ResetEvent, lastID)...)
 		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")
 	}
+	liftServerTimeouts(r.Context())
 	if c.detach(w, r, status, first) {
 		return nil
 	}

@@ -161,6 +161,26 @@ func newClientConn(w http.ResponseWriter, timeout time.Duration) clientConn {
 	return clientConn{w: w, rc: rc, timeout: timeout}
 }
 
+// liftServerTimeouts frees a stream from the server's read_timeout,
+// write_timeout and minimum rates. Caddy's idle-timeout wrappers keep them
+// as a ceiling under any deadline a handler sets, so every stream would
+// end read_timeout or write_timeout after it began (and a trickle of
+// events never keeps up a minimum rate). Their idle timeouts, which bound
+// each read and write, stay; so does the plugin's own write_timeout.
+// Called once the response is known to be a stream, before its first
+// write.
+func liftServerTimeouts(ctx context.Context) {
+	reader, writer := caddyhttp.IdleTimeoutsFromContext(ctx)
+	if reader != nil {
+		reader.Deadline.HardDeadline = time.Time{}
+		reader.Deadline.MinRate = 0
+	}
+	if writer != nil {
+		writer.Deadline.HardDeadline = time.Time{}
+		writer.Deadline.MinRate = 0
+	}
+}
+
 // arm makes sure the next write has at least half the write timeout left,
 // without touching the connection's deadline on every write.
 func (c *clientConn) arm(now time.Time) error {
@@ -262,6 +282,7 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 		started: time.Now(),
 		obs:     streamObs{key: h.requestKey(r), path: r.URL.Path},
 	}
+	liftServerTimeouts(r.Context())
 	s.out = newClientConn(s.countWire(w), time.Duration(h.WriteTimeout))
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -62,9 +62,15 @@ func proxyTo(backend string) string {
 // Caddy is stopped when the test ends.
 func startCaddy(t testing.TB, routes ...string) string {
 	t.Helper()
+	return startCaddyWith(t, func(addr string) []byte { return caddyConfig(addr, routes...) })
+}
+
+// startCaddyWith runs the config config(addr) gives for a free address.
+func startCaddyWith(t testing.TB, config func(addr string) []byte) string {
+	t.Helper()
 	caddyMu.Lock()
 	addr := freeAddr(t)
-	if err := caddy.Load(caddyConfig(addr, routes...), true); err != nil {
+	if err := caddy.Load(config(addr), true); err != nil {
 		caddyMu.Unlock()
 		t.Fatalf("loading Caddy config: %v", err)
 	}

@@ -377,3 +377,45 @@ func TestReloadEndsOpenStreams(t *testing.T) {
 	c2 := openStream(t, "http://"+addr+"/events", false)
 	c2.waitSuffix(t, "retry: 2000\n\n")
 }
+
+// A server's own timeouts do not cut streams, in either mode and on
+// either protocol: Caddy 2.11 puts write_timeout back as a ceiling on
+// every write (and may still set deadlines on a handed-over connection
+// through the response it no longer owns); the plugin's write_timeout
+// bounds each write instead.
+func TestStreamsOutliveServerTimeouts(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	for _, mode := range []string{"passthrough", "fanout"} {
+		t.Run(mode, func(t *testing.T) {
+			checkNoLeak(t)
+			e := newEmitter(t)
+			rt := route("/events", sseHandler(map[string]any{"heartbeat": 0, "padding": 0}), proxyTo(e.addr))
+			upstreams := 2
+			if mode == "fanout" {
+				rt, upstreams = fanoutRoute(e, map[string]any{"heartbeat": 0}), 1
+			}
+			base := startCaddyWith(t, func(addr string) []byte {
+				timeouts := fmt.Sprintf(`"protocols": ["h1", "h2c"], "read_timeout": %[1]q, "read_header_timeout": %[1]q,
+					"read_idle_timeout": %[1]q, "write_timeout": %[1]q, "write_idle_timeout": %[1]q, "idle_timeout": %[1]q,`, timeout.String())
+				return bytes.Replace(caddyConfig(addr, rt), []byte(`"protocols": ["h1", "h2c"],`), []byte(timeouts), 1)
+			})
+			clients := map[string]*client{
+				"HTTP/1.1": openStream(t, base+"/events", false),
+				"HTTP/2":   openStream(t, base+"/events", true),
+			}
+			e.waitJoined(t, upstreams)
+			e.emit("data: first\n\n")
+			for _, c := range clients {
+				waitEvents(t, c, 1)
+			}
+			// Nothing written for several times every timeout of the server.
+			time.Sleep(5 * timeout)
+			e.emit("data: second\n\n")
+			for name, c := range clients {
+				if got := datas(waitEvents(t, c, 2)); got != "first,second" {
+					t.Fatalf("%s client got %q", name, got)
+				}
+			}
+		})
+	}
+}
