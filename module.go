@@ -69,8 +69,10 @@ type Handler struct {
 	MaxAge caddy.Duration `json:"max_age,omitempty"`
 
 	// WriteTimeout bounds each single write to a client. The server's own
-	// write timeout is lifted for streams (they never end), so this is what
-	// drops a client that stopped reading. Default: 30s.
+	// read_timeout and write_timeout (and minimum rates) are lifted for
+	// streams, since a stream never ends and Caddy would otherwise cut it
+	// that long after it began; this is what drops a client that stopped
+	// reading. Default: 30s.
 	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
 
 	// MaxEventSize bounds the bytes of one unfinished event held while
