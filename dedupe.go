@@ -408,7 +408,9 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		return nil
 	}
 	c.out = newClientConn(wireCounter{ResponseWriter: w, n: &c.wire}, time.Duration(h.WriteTimeout))
-	w.WriteHeader(status)
+	if !c.headerSent {
+		w.WriteHeader(status)
+	}
 	err = c.run(r.Context(), first)
 	c.endEncoding()
 	return err
@@ -566,25 +568,26 @@ func (hb *hub) position(lastID string, replayOnConnect int, joinedAt uint64) (cu
 // own request goroutine (run) or, once its connection is handed over, by
 // the hub's delivery loop (detach.go); both go through step.
 type fanoutClient struct {
-	hub      *hub
-	h        *Handler
-	out      clientConn
-	sub      *subscriber
-	cursor   uint64
-	queue    uint64
-	beats    uint64 // the hub's heartbeat count last answered
-	prevLag  uint64
-	encoding string
-	z        *sharedWriter // a compressed stream's writer; nil for identity
-	wire     int64         // bytes on the wire, after compression
-	counted  int64         // wire bytes already reported to the metrics
-	clean    bool          // the stream ended on our side, not by a failed write
-	joined   bool          // counted in the hub's clients
-	detached bool          // served by the hub's delivery loop (detach.go)
-	wc       *wireConn     // the handed-over connection, when detached
-	dl       atomic.Pointer[deliverer]
-	peerGone atomic.Bool // the detached connection was closed by the client
-	maxAge   *time.Timer
+	hub        *hub
+	h          *Handler
+	out        clientConn
+	sub        *subscriber
+	cursor     uint64
+	queue      uint64
+	beats      uint64 // the hub's heartbeat count last answered
+	prevLag    uint64
+	encoding   string
+	z          *sharedWriter // a compressed stream's writer; nil for identity
+	wire       int64         // bytes on the wire, after compression
+	counted    int64         // wire bytes already reported to the metrics
+	clean      bool          // the stream ended on our side, not by a failed write
+	joined     bool          // counted in the hub's clients
+	detached   bool          // served by the hub's delivery loop (detach.go)
+	headerSent bool          // by detach, before it found it could not take over
+	wc         *wireConn     // the handed-over connection, when detached
+	dl         atomic.Pointer[deliverer]
+	peerGone   atomic.Bool // the detached connection was closed by the client
+	maxAge     *time.Timer
 }
 
 // poke wakes the delivery loop of a detached client.

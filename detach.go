@@ -33,8 +33,9 @@ import (
 
 // detach hands the client's connection over to the hub, after writing the
 // header through the handlers that wrap this one (so their header changes
-// and Caddy's access log see it). It reports false, with nothing written,
-// when the client must stay on its request goroutine.
+// and Caddy's access log see it). It reports false when the client must
+// stay on its request goroutine: at once, or when the connection could not
+// be taken over (then with the header already sent: c.headerSent).
 func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int, first []byte) bool {
 	if r.ProtoMajor != 1 || r.ProtoMinor < 1 || r.TLS != nil {
 		return false
@@ -45,6 +46,7 @@ func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int
 	}
 	w.Header().Set("Transfer-Encoding", "identity")
 	w.WriteHeader(status)
+	c.headerSent = true
 	if err := http.NewResponseController(w).Flush(); err != nil {
 		return true // the client is gone; nothing more to do
 	}
