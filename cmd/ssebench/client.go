@@ -10,6 +10,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"net/http"
 	"net/http/httputil"
 	"strconv"
 	"strings"
@@ -56,7 +57,9 @@ type loadStats struct {
 
 	// wire counts the bytes the clients read from their sockets (response
 	// bodies as sent: compressed, with chunk framing), sampled at the
-	// window's edges like the proxy's CPU time.
+	// window's edges like the proxy's CPU time. With -h2 it counts the
+	// response body bytes read (DATA payload as sent, still compressed),
+	// without HTTP/2's frame headers: there is no chunk framing to count.
 	wire atomic.Int64
 
 	errMu    sync.Mutex
@@ -118,13 +121,19 @@ type clientConfig struct {
 	encoding string // "", "gzip" or "zstd": Accept-Encoding to send
 	srcAddrs []net.IP
 	dialTO   time.Duration
+	h2       bool // HTTP/2 over cleartext (h2c, prior knowledge) instead of HTTP/1.1
 }
+
+// headTimeout bounds the wait for a response head, in both protocols.
+const headTimeout = 10 * time.Second
 
 // loadGen runs N clients against one proxy.
 type loadGen struct {
 	cfg   clientConfig
 	stats *loadStats
-	req   []byte
+	req   []byte      // the HTTP/1.1 request
+	h2    *h2Dialer   // with -h2: opens one h2c connection per client
+	hdr   http.Header // with -h2: the request's header fields
 
 	mu    sync.Mutex
 	conns []net.Conn
@@ -142,7 +151,51 @@ func newLoadGen(cfg clientConfig, stats *loadStats) *loadGen {
 		fmt.Fprintf(&req, "Accept-Encoding: %s\r\n", cfg.encoding)
 	}
 	req.WriteString("\r\n")
-	return &loadGen{cfg: cfg, stats: stats, req: req.Bytes()}
+	g := &loadGen{cfg: cfg, stats: stats, req: req.Bytes()}
+	if cfg.h2 {
+		g.h2 = newH2Dialer(func(ctx context.Context) (net.Conn, error) {
+			c, err := g.dial(ctx)
+			if err != nil {
+				return nil, err
+			}
+			if !g.track(c) {
+				c.Close()
+				return nil, errClosing
+			}
+			return c, nil
+		})
+		g.hdr = sseHeader(cfg.encoding)
+	}
+	return g
+}
+
+// sseHeader is the header of the clients' HTTP/2 requests: the same fields
+// as the HTTP/1.1 request's.
+func sseHeader(encoding string) http.Header {
+	h := http.Header{
+		"User-Agent":    {"ssebench"},
+		"Accept":        {"text/event-stream"},
+		"Cache-Control": {"no-cache"},
+	}
+	if encoding != "" {
+		h.Set("Accept-Encoding", encoding)
+	}
+	return h
+}
+
+// errClosing is a connection attempt made after closeAll: not an error of
+// the proxy's.
+var errClosing = errors.New("load generator closing")
+
+// dial opens one client's TCP connection, from the next loopback source
+// address.
+func (g *loadGen) dial(ctx context.Context) (net.Conn, error) {
+	d := net.Dialer{Timeout: g.cfg.dialTO}
+	if len(g.cfg.srcAddrs) > 0 {
+		ip := g.cfg.srcAddrs[srcCounter.Add(1)%uint64(len(g.cfg.srcAddrs))]
+		d.LocalAddr = &net.TCPAddr{IP: ip}
+	}
+	return d.DialContext(ctx, "tcp", g.cfg.addr)
 }
 
 // ramp opens n clients at about rate per second, with a bounded number of
@@ -188,7 +241,6 @@ func (g *loadGen) ramp(ctx context.Context, n int, rate float64) error {
 // done once the response head arrived (or the attempt failed) and releases
 // its slot in sem.
 func (g *loadGen) client(sem chan struct{}, done chan<- struct{}) {
-	s := g.stats
 	signalled := false
 	signal := func() {
 		if !signalled {
@@ -198,13 +250,18 @@ func (g *loadGen) client(sem chan struct{}, done chan<- struct{}) {
 		}
 	}
 	defer signal()
-
-	d := net.Dialer{Timeout: g.cfg.dialTO}
-	if len(g.cfg.srcAddrs) > 0 {
-		ip := g.cfg.srcAddrs[srcCounter.Add(1)%uint64(len(g.cfg.srcAddrs))]
-		d.LocalAddr = &net.TCPAddr{IP: ip}
+	if g.h2 != nil {
+		g.clientH2(signal)
+	} else {
+		g.clientH1(signal)
 	}
-	c, err := d.Dial("tcp", g.cfg.addr)
+}
+
+// clientH1 is one HTTP/1.1 client; it calls connected once the response
+// head arrived.
+func (g *loadGen) clientH1(connected func()) {
+	s := g.stats
+	c, err := g.dial(context.Background())
 	if err != nil {
 		s.connErrs.Add(1)
 		s.noteErr(err)
@@ -215,7 +272,7 @@ func (g *loadGen) client(sem chan struct{}, done chan<- struct{}) {
 		return
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.SetDeadline(time.Now().Add(headTimeout))
 	if _, err := c.Write(g.req); err != nil {
 		s.connErrs.Add(1)
 		s.noteErr(err)
@@ -238,9 +295,40 @@ func (g *loadGen) client(sem chan struct{}, done chan<- struct{}) {
 	c.SetDeadline(time.Time{})
 	s.encodings[encodingIndex(h.encoding)].Add(1)
 	s.connected.Add(1)
-	signal()
+	connected()
+	g.streamEnded(readStream(br, h, s))
+}
 
-	err = readStream(br, h, s)
+// clientH2 is one HTTP/2 client: its own h2c connection (prior knowledge)
+// carrying one stream. It calls connected once the response head arrived.
+func (g *loadGen) clientH2(connected func()) {
+	s := g.stats
+	resp, closeConn, err := g.h2.get(g.cfg.addr, g.cfg.path, g.hdr, headTimeout)
+	if err != nil {
+		if !errors.Is(err, errClosing) && s.phase.Load() != phaseDone {
+			s.connErrs.Add(1)
+			s.noteErr(err)
+		}
+		return
+	}
+	defer closeConn()
+	if resp.StatusCode != 200 {
+		s.connErrs.Add(1)
+		s.noteErr(fmt.Errorf("status %d", resp.StatusCode))
+		return
+	}
+	enc := strings.ToLower(resp.Header.Get("Content-Encoding"))
+	s.encodings[encodingIndex(enc)].Add(1)
+	s.connected.Add(1)
+	connected()
+	// No chunk framing to count: the body bytes as sent (still compressed).
+	g.streamEnded(readBody(wireCounter{resp.Body, &s.wire}, enc, s))
+}
+
+// streamEnded accounts a stream that ended with err (nil: a clean end):
+// a disconnect, unless the bench itself is closing the clients.
+func (g *loadGen) streamEnded(err error) {
+	s := g.stats
 	if s.phase.Load() != phaseDone {
 		s.disconnect.Add(1)
 		if s.phase.Load() == phaseMeasure {
@@ -357,19 +445,25 @@ func readResponseHead(br *bufio.Reader) (responseHead, error) {
 	}
 }
 
-// readStream reads the body as event-stream lines and records every data
-// event. It returns when the stream ends (nil on a clean EOF).
+// readStream reads an HTTP/1.1 body as event-stream lines and records every
+// data event. It returns when the stream ends (nil on a clean EOF).
 func readStream(br *bufio.Reader, h responseHead, s *loadStats) error {
 	var body io.Reader = br
 	if h.chunked {
 		body = httputil.NewChunkedReader(br)
 	}
-	lines := br
-	switch h.encoding {
+	return readBody(body, h.encoding, s)
+}
+
+// readBody decodes a response body (without transfer framing) by its
+// Content-Encoding, reads it as event-stream lines and records every data
+// event. It returns when the stream ends (nil on a clean EOF).
+func readBody(body io.Reader, encoding string, s *loadStats) error {
+	var lines *bufio.Reader
+	switch encoding {
 	case "", "identity":
-		if h.chunked {
-			lines = bufio.NewReaderSize(body, 4096)
-		}
+		// body itself when it is a large enough bufio.Reader already.
+		lines = bufio.NewReaderSize(body, 4096)
 	case "gzip":
 		zr, err := gzip.NewReader(body)
 		if err != nil {
@@ -385,7 +479,7 @@ func readStream(br *bufio.Reader, h responseHead, s *loadStats) error {
 		defer zr.Close()
 		lines = bufio.NewReaderSize(zr, 4096)
 	default:
-		return fmt.Errorf("unsupported Content-Encoding %q", h.encoding)
+		return fmt.Errorf("unsupported Content-Encoding %q", encoding)
 	}
 	var ls lineStats
 	err := scanLines(lines, s, &ls)

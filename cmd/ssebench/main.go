@@ -23,8 +23,9 @@
 //     for its port and one SSE probe request, with deadlines; when it does
 //     not come up the run fails with the tail of its output.
 //  3. Its idle CPU time and VmRSS are read from /proc, then -clients SSE
-//     clients (one HTTP/1.1 TCP connection each, spread over several
-//     loopback source addresses) connect at -ramp-rate per second. After
+//     clients (one HTTP/1.1 TCP connection each, or with -h2 one h2c
+//     connection carrying one stream each, spread over several loopback
+//     source addresses) connect at -ramp-rate per second. After
 //     -settle, a window of -duration measures delivered events/s (and the
 //     share of what the emitter sent times the connected clients), latency
 //     from send time to receipt (p50, p99, max; from a log-linear
@@ -100,6 +101,7 @@ type config struct {
 	sseOpts   []string
 	burst     int
 	srcAddrs  int
+	h2        bool
 	out       string
 	name      string
 	keep      bool
@@ -136,8 +138,9 @@ func mainErr() (err error) {
 	flag.StringVar(&sseOpts, "sse-opts", "", "extra lines for the sse block, separated by ';' (e.g. \"padding off;retry 2s\")")
 	flag.IntVar(&cfg.burst, "burst", 0, "burst mode: send this many events at once, -rate times per second")
 	flag.IntVar(&cfg.srcAddrs, "src-addrs", 8, "loopback source addresses to spread client connections over (127.0.0.2 and up)")
+	flag.BoolVar(&cfg.h2, "h2", false, "clients speak HTTP/2 over cleartext (h2c, prior knowledge), one TCP connection with one stream each, instead of HTTP/1.1; Caddy proxies then accept h2c (protocols h1 h2c), nginx gets listen ... http2, direct is refused (the emitter speaks HTTP/1.1 only). Wire bytes then count the response body bytes read (compressed, without HTTP/2 framing: there is no chunk framing)")
 	flag.StringVar(&cfg.out, "out", "", "directory to write <name>.md, <name>.svg and <name>.json into (e.g. docs/bench)")
-	flag.StringVar(&cfg.name, "name", "", "base name of the -out files (default: stream, idle or burst)")
+	flag.StringVar(&cfg.name, "name", "", "base name of the -out files (default: stream, idle or burst; with -h2 stream-h2 etc.)")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temp dir with configs and binaries")
 	flag.BoolVar(&cfg.verbose, "v", false, "log progress details")
 	replotFile := flag.String("replot", "", "write the .md and .svg of an earlier -out JSON file again, without measuring")
@@ -176,6 +179,9 @@ func mainErr() (err error) {
 	}
 	if cfg.name == "" {
 		cfg.name = mode(cfg)
+		if cfg.h2 {
+			cfg.name += "-h2"
+		}
 	}
 
 	// Bounded in time, whatever happens: the context ends the work, and a
@@ -266,7 +272,7 @@ func mainErr() (err error) {
 
 	env := describeMachine(cfg)
 	fmt.Println(env)
-	fmt.Printf("mode %s, proxies %s, clients %v, window %s\n\n", mode(cfg), strings.Join(cfg.proxies, ","), cfg.clients, cfg.duration)
+	fmt.Printf("mode %s, proxies %s, clients %v (%s), window %s\n\n", mode(cfg), strings.Join(cfg.proxies, ","), cfg.clients, protocol(cfg), cfg.duration)
 
 	var results []result
 	var runErr error
@@ -363,6 +369,31 @@ func emitInterval(cfg config) time.Duration {
 	return time.Duration(float64(time.Second) / cfg.rate)
 }
 
+// Client protocols, as results and reports record them.
+const (
+	protoH1  = "HTTP/1.1"
+	protoH2C = "h2c"
+)
+
+func protocol(cfg config) string {
+	if cfg.h2 {
+		return protoH2C
+	}
+	return protoH1
+}
+
+// protocolDesc describes the clients' protocol for a report's header, and
+// what its wire bytes count.
+func protocolDesc(p string) string {
+	switch p {
+	case protoH2C:
+		return "Clients: HTTP/2 over cleartext (h2c, prior knowledge), one TCP connection with one stream each. Wire bytes are the response body bytes read (as sent, compressed; HTTP/2 frame headers not counted)."
+	case protoH1, "":
+		return "Clients: HTTP/1.1, one TCP connection each. Wire bytes are the bytes read from the sockets (response bodies as sent: compressed, with chunk framing)."
+	}
+	return "Clients: " + p + "."
+}
+
 func mode(cfg config) string {
 	switch {
 	case cfg.idle:
@@ -431,10 +462,14 @@ func resolveProxies(ctx context.Context, list string, cfg config, tmp string) ([
 		}
 		var err error
 		switch {
+		case kind == "direct" && cfg.h2:
+			err = errors.New("-h2: the emitter (direct) speaks HTTP/1.1 only, so there is no h2c to measure without a proxy")
 		case isCaddyKind(kind):
 			err = adaptCheck(ctx, cfg, kind, tmp)
 		case kind == "nginx" && cfg.nginxBin == "":
 			err = errors.New("no nginx binary on PATH (pass -nginx)")
+		case kind == "nginx" && cfg.h2:
+			err = nginxH2Check(ctx, cfg.nginxBin)
 		}
 		if err != nil {
 			if auto {
@@ -451,8 +486,22 @@ func resolveProxies(ctx context.Context, list string, cfg config, tmp string) ([
 	return out, nil
 }
 
+// nginxH2Check fails unless the nginx binary was built with HTTP/2.
+func nginxH2Check(ctx context.Context, nginxBin string) error {
+	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(vctx, nginxBin, "-V").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("-h2: %s -V: %v", nginxBin, err)
+	}
+	if !strings.Contains(string(out), "--with-http_v2_module") {
+		return fmt.Errorf("-h2: %s was built without --with-http_v2_module, so it cannot serve h2c", nginxBin)
+	}
+	return nil
+}
+
 func adaptCheck(ctx context.Context, cfg config, kind, tmp string) error {
-	cf, err := caddyfile(proxySpec{kind: kind, listen: "127.0.0.1:1", upstream: "127.0.0.1:2", sseOpts: cfg.sseOpts})
+	cf, err := caddyfile(proxySpec{kind: kind, listen: "127.0.0.1:1", upstream: "127.0.0.1:2", sseOpts: cfg.sseOpts, h2: cfg.h2})
 	if err != nil {
 		return err
 	}
@@ -471,7 +520,7 @@ func adaptCheck(ctx context.Context, cfg config, kind, tmp string) error {
 
 // runOne measures one proxy at one client count.
 func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, dir string) (res result, err error) {
-	res = result{Proxy: kind, Clients: n, Mode: mode(cfg)}
+	res = result{Proxy: kind, Clients: n, Mode: mode(cfg), Protocol: protocol(cfg)}
 	listen := em.addr
 	var p *proc
 	for attempt := 1; ; attempt++ {
@@ -485,7 +534,7 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 		if iv := emitInterval(cfg); iv > 0 {
 			probeTO += 2 * iv
 		}
-		p, err = launchProxy(kind, cfg.caddyBin, cfg.nginxBin, dir, proxySpec{kind: kind, listen: listen, upstream: em.addr, sseOpts: cfg.sseOpts}, cfg.startTO, probeTO, !cfg.idle)
+		p, err = launchProxy(kind, cfg.caddyBin, cfg.nginxBin, dir, proxySpec{kind: kind, listen: listen, upstream: em.addr, sseOpts: cfg.sseOpts, h2: cfg.h2}, cfg.startTO, probeTO, !cfg.idle)
 		if err == nil {
 			break
 		}
@@ -547,7 +596,7 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 	if enc == "none" {
 		enc = ""
 	}
-	cc := clientConfig{addr: listen, path: "/events", encoding: enc, dialTO: 10 * time.Second}
+	cc := clientConfig{addr: listen, path: "/events", encoding: enc, dialTO: 10 * time.Second, h2: cfg.h2}
 	for i := 0; i < cfg.srcAddrs; i++ {
 		cc.srcAddrs = append(cc.srcAddrs, net.IPv4(127, 0, 0, byte(2+i)))
 	}
@@ -694,7 +743,11 @@ func summary(r result) string {
 		s += "; Content-Encoding " + r.Encoding
 	}
 	if r.WirePerEv > 0 {
-		s += fmt.Sprintf("; %.1f wire bytes per event and client", r.WirePerEv)
+		if r.Protocol == protoH2C {
+			s += fmt.Sprintf("; %.1f wire bytes per event and client (h2: response body bytes, no HTTP/2 framing)", r.WirePerEv)
+		} else {
+			s += fmt.Sprintf("; %.1f wire bytes per event and client", r.WirePerEv)
+		}
 	}
 	if r.Bursts > 0 {
 		s += fmt.Sprintf("; bursts: %d, median completion %.1f ms, %.0f deliveries/s", r.Bursts, r.BurstComplete, r.BurstPerSec)
@@ -708,19 +761,27 @@ func summary(r result) string {
 // report is what -out writes as JSON, and all that -replot needs to write
 // the markdown and the chart again.
 type report struct {
-	Written  string   `json:"written"` // RFC 3339, UTC
-	Command  string   `json:"command"`
-	Env      string   `json:"environment"`
-	Subtitle string   `json:"chart_subtitle"`
+	Written  string `json:"written"` // RFC 3339, UTC
+	Command  string `json:"command"`
+	Env      string `json:"environment"`
+	Subtitle string `json:"chart_subtitle"`
+	// Protocol is the clients' protocol, protoH1 or protoH2C; empty in
+	// reports written before -h2 existed, which were all HTTP/1.1.
+	Protocol string   `json:"client_protocol,omitempty"`
 	Results  []result `json:"results"`
 }
 
 func newReport(cfg config, env string, rs []result) report {
+	clients := ""
+	if cfg.h2 {
+		clients = ", h2c clients"
+	}
 	return report{
 		Written:  time.Now().UTC().Format(time.RFC3339),
 		Command:  "ssebench " + strings.Join(os.Args[1:], " "),
 		Env:      env,
-		Subtitle: fmt.Sprintf("%s mode, %s window, %s", mode(cfg), cfg.duration, strings.SplitN(env, "\n", 2)[0]),
+		Subtitle: fmt.Sprintf("%s mode%s, %s window, %s", mode(cfg), clients, cfg.duration, strings.SplitN(env, "\n", 2)[0]),
+		Protocol: protocol(cfg),
 		Results:  rs,
 	}
 }
@@ -734,6 +795,9 @@ func writeOutputs(base string, rep report, withJSON bool) error {
 	fmt.Fprintf(&md, "<!-- written by ssebench; %s -->\n\n", rep.Written)
 	fmt.Fprintf(&md, "Command: `%s`\n\n", rep.Command)
 	fmt.Fprintf(&md, "%s\n\n", rep.Env)
+	if rep.Protocol != "" { // older reports: HTTP/1.1, said nowhere
+		fmt.Fprintf(&md, "%s\n\n", protocolDesc(rep.Protocol))
+	}
 	writeTable(&md, rep.Results)
 	md.WriteString("\nProxies:\n\n")
 	seen := map[string]bool{}

@@ -16,6 +16,9 @@ type result struct {
 	Clients int    `json:"clients"`
 	Mode    string `json:"mode"` // stream, idle or burst
 	Runs    int    `json:"runs"` // repetitions this is the median of
+	// Protocol is the clients' protocol: HTTP/1.1 or h2c; empty in results
+	// written before -h2 existed (HTTP/1.1).
+	Protocol string `json:"protocol,omitempty"`
 
 	Connected   int64  `json:"connected"`
 	ConnErrs    int64  `json:"connect_errors"`
@@ -45,7 +48,7 @@ type result struct {
 	KiBPerConn float64 `json:"proxy_kib_per_client"`
 	GenCPUPct  float64 `json:"bench_cpu_pct"`                  // the bench process itself (emitter + clients)
 	Comments   float64 `json:"comment_lines_per_client"`       // heartbeats and other comment lines received in the window
-	WireBytes  int64   `json:"wire_bytes,omitempty"`           // bytes the clients read from their sockets during the window
+	WireBytes  int64   `json:"wire_bytes,omitempty"`           // bytes the clients read from their sockets during the window (h2c: response body bytes)
 	WirePerEv  float64 `json:"wire_bytes_per_event,omitempty"` // WireBytes / (Emitted x clients connected)
 
 	BurstPerSec   float64 `json:"burst_deliveries_per_s,omitempty"`
@@ -58,7 +61,7 @@ type result struct {
 // baselineOf finds the plain reverse_proxy result at the same client count.
 func baselineOf(rs []result, r result) (result, bool) {
 	for _, b := range rs {
-		if b.Proxy == "reverse_proxy" && b.Clients == r.Clients && b.Mode == r.Mode {
+		if b.Proxy == "reverse_proxy" && b.Clients == r.Clients && b.Mode == r.Mode && b.Protocol == r.Protocol {
 			return b, true
 		}
 	}
