@@ -200,12 +200,13 @@ func TestFanoutMaxAgeEndsEveryKindOfClient(t *testing.T) {
 	}
 	e.waitJoined(t, 1)
 	waitHubClients(t, base, len(clients))
-	if n := detachedClients(base); n != 3 {
-		t.Fatalf("%d handed-over clients, want the 3 on HTTP/1.1", n)
-	}
 	e.emit("data: before\n\n")
 	for name, c := range clients {
 		c.waitUntil(t, name+" event", func(s string) bool { return strings.Contains(s, "data: before") })
+	}
+	// Each has an event: the HTTP/1.1 ones got it from a delivery loop.
+	if n := detachedClients(base); n != 3 {
+		t.Fatalf("%d handed-over clients, want the 3 on HTTP/1.1", n)
 	}
 	for name, c := range clients {
 		select {
@@ -223,4 +224,26 @@ func TestFanoutMaxAgeEndsEveryKindOfClient(t *testing.T) {
 	}
 	// Every client released: with linger 0 the hub is gone.
 	waitHubsGone(t, strings.TrimPrefix(base, "http://"))
+}
+
+// A fan-out client on HTTP/2 that stops reading is cut off by
+// write_timeout (its writes bypass Caddy's idle-timeout writer), while
+// the others keep receiving. The queue bound is too high to do it.
+func TestFanoutStalledHTTP2ClientCutByWriteTimeout(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"write_timeout": "1s", "fanout": map[string]any{"client_queue": 1000}}))
+	fast := openStream(t, base+"/events", false)
+	e.waitJoined(t, 1)
+	resp, cancel := streamRequest(t, base+"/events", true) // never read
+	defer cancel()
+	defer resp.Body.Close()
+	waitHubClients(t, base, 2)
+	payload := strings.Repeat("x", 256<<10)
+	const n = 40 // 10 MB: more than an HTTP/2 stream's 4 MiB window
+	for i := range n {
+		e.emit(fmt.Sprintf("data: %d %s\n\n", i, payload))
+	}
+	waitEvents(t, fast, n)
+	waitHubClients(t, base, 1)
 }
