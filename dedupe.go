@@ -407,10 +407,10 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	if c.detach(w, r, status, first) {
 		return nil
 	}
-	c.out = newClientConn(wireCounter{ResponseWriter: w, n: &c.wire}, time.Duration(h.WriteTimeout))
 	if !c.headerSent {
 		w.WriteHeader(status)
 	}
+	c.out = newClientConn(wireCounter{ResponseWriter: belowIdleTimeout(r.Context(), w), n: &c.wire}, time.Duration(h.WriteTimeout))
 	err = c.run(r.Context(), first)
 	c.endEncoding()
 	return err

@@ -2,6 +2,7 @@ package caddysse
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"net"
 	"net/http"
@@ -10,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
 
@@ -72,6 +74,32 @@ func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int
 	go c.watchPeer(conn, brw.Reader)
 	c.hub.deliverTo(c)
 	return true
+}
+
+// belowIdleTimeout returns the writer under Caddy's IdleTimeoutWriter in
+// w's chain, or w when there is none. A fan-out client that stays on its
+// request (HTTP/2, TLS) writes its stream's body there, once its header
+// went through the whole chain: that writer resets the write deadline
+// before and after every write and flush, which on HTTP/2 is a message to
+// the connection's serve loop each time (~15% of such a client's CPU),
+// while the client's own write_timeout is armed every half-timeout. What
+// the wrappers between it and this handler no longer see are the body's
+// bytes, as for a handed-over connection.
+func belowIdleTimeout(ctx context.Context, w http.ResponseWriter) http.ResponseWriter {
+	_, iw := caddyhttp.IdleTimeoutsFromContext(ctx)
+	if iw == nil {
+		return w
+	}
+	for x := w; ; {
+		if x == http.ResponseWriter(iw) {
+			return iw.Unwrap()
+		}
+		u, ok := x.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			return w
+		}
+		x = u.Unwrap()
+	}
 }
 
 // innermost unwraps w down to the writer of the server itself.
