@@ -38,7 +38,8 @@ type streamStatus struct {
 	Key           string  `json:"key"`            // hashed request identity, see Handler.hashKey
 	Path          string  `json:"path,omitempty"` // request path, without the query
 	Clients       int     `json:"clients"`
-	Upstream      string  `json:"upstream"` // state of the upstream stream, see docs/admin.md
+	HandedOver    int     `json:"handed_over,omitempty"` // fan-out clients served by the hub's delivery loops
+	Upstream      string  `json:"upstream"`              // state of the upstream stream, see docs/admin.md
 	UptimeSeconds float64 `json:"uptime_seconds"`
 	LastEventID   string  `json:"last_event_id,omitempty"`
 	CacheEvents   int     `json:"cache_events"`

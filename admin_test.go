@@ -190,3 +190,35 @@ func TestNoSecretsInLogsOrAdmin(t *testing.T) {
 		}
 	}
 }
+
+// A fan-out hub is listed once, with all its clients, how many of them
+// were handed over to its delivery loops (plain HTTP/1.1, not HTTP/2),
+// and its cache.
+func TestAdminStreamsFanout(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	oc := startObservedCaddy(t, fanoutRoute(e, nil))
+	clients := []*client{
+		openStream(t, oc.Base+"/events?q=secret", false),
+		openStream(t, oc.Base+"/events?q=secret", false),
+		openStream(t, oc.Base+"/events?q=secret", true),
+	}
+	e.waitJoined(t, 1)
+	e.emit("data: one\n\n")
+	e.emit("data: two\n\n")
+	for _, c := range clients {
+		waitEvents(t, c, 2)
+	}
+	list, raw := oc.waitStreams(t, "one hub with 3 clients", func(l []streamStatus) bool {
+		return len(l) == 1 && l[0].Clients == 3
+	})
+	h := list[0]
+	want := streamStatus{Mode: "fanout", Key: h.Key, Path: "/events", Clients: 3, HandedOver: 2, Upstream: "streaming",
+		UptimeSeconds: h.UptimeSeconds, LastEventID: h.LastEventID, CacheEvents: 2, CacheBytes: h.CacheBytes, Events: 2}
+	if h != want {
+		t.Errorf("hub:\n got %+v\nwant %+v", h, want)
+	}
+	if !hashedKey.MatchString(h.Key) || h.LastEventID == "" || h.CacheBytes <= 0 || bytes.Contains(raw, []byte("secret")) {
+		t.Errorf("hub report: %s", raw)
+	}
+}

@@ -1185,6 +1185,7 @@ func withID(raw []byte, id string) []byte {
 
 // report describes the hub for the admin API.
 func (hb *hub) report(now time.Time) streamStatus {
+	handedOver := hb.handedOver() // takes the delivery loops' locks: never under hb.mu
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
 	events, bytes := hb.buf.stats()
@@ -1193,6 +1194,7 @@ func (hb *hub) report(now time.Time) streamStatus {
 		Key:           hb.keyHash,
 		Path:          hb.path,
 		Clients:       hb.clients,
+		HandedOver:    handedOver,
 		UptimeSeconds: now.Sub(hb.created).Seconds(),
 		CacheEvents:   events,
 		CacheBytes:    bytes,

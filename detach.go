@@ -215,15 +215,9 @@ type deliverer struct {
 // There are as many loops as processors, so that writes to thousands of
 // clients use them all.
 func (hb *hub) deliverTo(c *fanoutClient) {
-	hb.dlOnce.Do(func() {
-		hb.dl = make([]*deliverer, runtime.GOMAXPROCS(0))
-		for i := range hb.dl {
-			hb.dl[i] = &deliverer{hub: hb, poked: make(chan struct{}, 1)}
-		}
-	})
 	var d *deliverer
 	least := -1
-	for _, x := range hb.dl {
+	for _, x := range hb.deliverers() {
 		x.mu.Lock()
 		n := len(x.clients)
 		x.mu.Unlock()
@@ -242,6 +236,28 @@ func (hb *hub) deliverTo(c *fanoutClient) {
 	} else {
 		d.poke()
 	}
+}
+
+// deliverers returns the hub's delivery loops, made at first use.
+func (hb *hub) deliverers() []*deliverer {
+	hb.dlOnce.Do(func() {
+		hb.dl = make([]*deliverer, runtime.GOMAXPROCS(0))
+		for i := range hb.dl {
+			hb.dl[i] = &deliverer{hub: hb, poked: make(chan struct{}, 1)}
+		}
+	})
+	return hb.dl
+}
+
+// handedOver counts the clients in the hub's delivery loops.
+func (hb *hub) handedOver() int {
+	n := 0
+	for _, d := range hb.deliverers() {
+		d.mu.Lock()
+		n += len(d.clients)
+		d.mu.Unlock()
+	}
+	return n
 }
 
 func (d *deliverer) poke() {

@@ -19,11 +19,7 @@ func detachedClients(base string) int {
 		if !strings.Contains(k.(string), strings.TrimPrefix(base, "http://")+"/events\x00") {
 			return true
 		}
-		for _, d := range v.(*hub).dl {
-			d.mu.Lock()
-			n += len(d.clients)
-			d.mu.Unlock()
-		}
+		n = v.(*hub).handedOver()
 		return false
 	})
 	return n
@@ -37,7 +33,7 @@ func drainingClients(base string) int {
 		if !strings.Contains(k.(string), strings.TrimPrefix(base, "http://")+"/events\x00") {
 			return true
 		}
-		for _, d := range v.(*hub).dl {
+		for _, d := range v.(*hub).deliverers() {
 			d.mu.Lock()
 			for _, c := range d.clients {
 				if c.wc.draining() {
