@@ -243,3 +243,48 @@ func TestFanoutStalledHTTP2ClientCutByWriteTimeout(t *testing.T) {
 	waitEvents(t, fast, n)
 	waitHubClients(t, base, 1)
 }
+
+// With Caddy's encode in front, fan-out streams are compressed by sse
+// alone, or not at all: encode sees the header (no-transform) and leaves
+// the body, which no longer passes through it, alone. Every client
+// decodes exactly the events, whatever it accepts, on either protocol.
+func TestFanoutBehindEncode(t *testing.T) {
+	for _, compress := range [][]string{nil, {"off"}} {
+		t.Run(map[bool]string{true: "sse-compresses", false: "sse-compression-off"}[compress == nil], func(t *testing.T) {
+			checkNoLeak(t)
+			e := newEmitter(t)
+			fields := map[string]any{"padding": 0, "heartbeat": "1s", "fanout": map[string]any{"linger": 0}}
+			if compress != nil {
+				fields["compress"] = compress
+			}
+			base := startCaddy(t, route("/events", encodeHandler("gzip", "zstd"), sseHandler(fields), proxyTo(e.addr)))
+			type tc struct {
+				accept string
+				h2     bool
+			}
+			cases := []tc{{"", false}, {"gzip", false}, {"zstd", false}, {"gzip", true}}
+			clients := make([]*decodingClient, len(cases))
+			for i, c := range cases {
+				clients[i] = openDecoding(t, base+"/events", c.h2, c.accept)
+			}
+			e.waitJoined(t, 1)
+			waitHubClients(t, base, len(cases))
+			e.emit("data: one\n\n")
+			e.emit("event: two\ndata: 2\n\n")
+			for i, c := range clients {
+				got := c.waitUntil(t, "two events", func(s string) bool { return strings.Contains(s, "data: 2\n") })
+				evs, _, _ := parseEvents([]byte(got))
+				if datas(evs) != "one,2" || evs[1].Type != "two" {
+					t.Fatalf("%+v: decoded %q", cases[i], got)
+				}
+				want := cases[i].accept
+				if compress != nil {
+					want = "" // compression off: identity, whatever encode could do
+				}
+				if ce := c.Resp.Header.Get("Content-Encoding"); ce != want {
+					t.Fatalf("%+v: Content-Encoding %q, want %q", cases[i], ce, want)
+				}
+			}
+		})
+	}
+}
