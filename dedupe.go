@@ -603,14 +603,14 @@ func (c *fanoutClient) flushed(raw int) {
 	c.counted = c.wire
 }
 
-// writeFailed reports a client cut off by write_timeout.
+// writeFailed reports a client cut off by write_timeout, and returns err.
 func (c *fanoutClient) writeFailed(err error) error {
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded) {
 		c.h.metrics.slowClientCut(modeFanout)
 		c.hub.logger.Warn("client did not take a write within write_timeout; disconnecting it")
 	}
-	return nil
+	return err
 }
 
 // start writes the client's first bytes and takes the hub's heartbeat
@@ -633,8 +633,8 @@ func (c *fanoutClient) maxAgeAfter() time.Duration {
 
 // run serves the client on its request goroutine until its stream ends.
 func (c *fanoutClient) run(ctx context.Context, first []byte) error {
-	if err := c.start(first); err != nil {
-		return err
+	if c.start(first) != nil {
+		return nil // the client is gone: not an error of the handler
 	}
 	var (
 		batch  []*event
@@ -733,13 +733,13 @@ func (c *fanoutClient) deliver(now time.Time, batch []*event) error {
 			err = c.out.write(now, ev.data)
 		}
 		if err != nil {
-			return c.failed(err)
+			return c.writeFailed(err)
 		}
 		raw += len(ev.data)
 	}
 	c.cursor = batch[len(batch)-1].seq
 	if err := c.flush(now); err != nil {
-		return c.failed(err)
+		return c.writeFailed(err)
 	}
 	c.h.metrics.eventsForwarded(modeFanout, len(batch))
 	c.flushed(raw)
@@ -764,12 +764,6 @@ func (c *fanoutClient) writeOwn(now time.Time, p []byte) error {
 	}
 	c.flushed(len(p))
 	return nil
-}
-
-// failed reports a failed write and returns it.
-func (c *fanoutClient) failed(err error) error {
-	_ = c.writeFailed(err)
-	return err
 }
 
 // flush pushes out what was written (the header too).
