@@ -14,36 +14,29 @@ import (
 // detachedClients counts the clients in the delivery loops of base's
 // /events hub.
 func detachedClients(base string) int {
-	n := 0
-	hubs.Range(func(k, v any) bool {
-		if !strings.Contains(k.(string), strings.TrimPrefix(base, "http://")+"/events\x00") {
-			return true
-		}
-		n = v.(*hub).handedOver()
-		return false
-	})
-	return n
+	if hb := eventsHub(base); hb != nil {
+		return hb.handedOver()
+	}
+	return 0
 }
 
 // drainingClients counts the detached clients of base's /events hub whose
 // last write is still being drained.
 func drainingClients(base string) int {
+	hb := eventsHub(base)
+	if hb == nil {
+		return 0
+	}
 	n := 0
-	hubs.Range(func(k, v any) bool {
-		if !strings.Contains(k.(string), strings.TrimPrefix(base, "http://")+"/events\x00") {
-			return true
-		}
-		for _, d := range v.(*hub).deliverers() {
-			d.mu.Lock()
-			for _, c := range d.clients {
-				if c.wc.draining() {
-					n++
-				}
+	for _, d := range hb.deliverers() {
+		d.mu.Lock()
+		for _, c := range d.clients {
+			if c.wc.draining() {
+				n++
 			}
-			d.mu.Unlock()
 		}
-		return false
-	})
+		d.mu.Unlock()
+	}
 	return n
 }
 

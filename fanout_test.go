@@ -365,22 +365,30 @@ func TestFanoutSlowClientCutOff(t *testing.T) {
 	waitHubClients(t, base, 1)
 }
 
+// eventsHub is the hub of base's /events (default key), or nil.
+func eventsHub(base string) *hub {
+	var found *hub
+	hubs.Range(func(k, v any) bool {
+		if strings.Contains(k.(string), strings.TrimPrefix(base, "http://")+"/events\x00") {
+			found = v.(*hub)
+			return false
+		}
+		return true
+	})
+	return found
+}
+
 // waitHubClients waits until the hub of base's /events has n clients.
 func waitHubClients(t testing.TB, base string, n int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		clients := -1
-		hubs.Range(func(k, v any) bool {
-			if !strings.Contains(k.(string), strings.TrimPrefix(base, "http://")+"/events\x00") {
-				return true
-			}
-			hb := v.(*hub)
+		if hb := eventsHub(base); hb != nil {
 			hb.mu.Lock()
 			clients = hb.clients
 			hb.mu.Unlock()
-			return false
-		})
+		}
 		if clients == n {
 			return
 		}
