@@ -138,14 +138,13 @@ func (c *fanoutClient) watchPeer(conn net.Conn, buffered *bufio.Reader) {
 }
 
 // serveDetached is one turn of the delivery loop for one client. It
-// returns done when the client's stream is over.
+// returns done when the client's stream is over (clean only if finish
+// wrote its end).
 func (c *fanoutClient) serveDetached(batch []*event) (done bool, _ []*event) {
 	if c.peerGone.Load() {
-		c.clean = false
 		return true, batch
 	}
 	if err := c.wc.failed(); err != nil {
-		c.clean = false
 		_ = c.writeFailed(err)
 		return true, batch
 	}
@@ -159,14 +158,12 @@ func (c *fanoutClient) serveDetached(batch []*event) (done bool, _ []*event) {
 		// The client has not taken its last write yet: no more for now. It
 		// still falls behind, or is ended, like any other.
 		if ended {
-			c.clean = false
 			return true, batch
 		}
 		c.hub.mu.Lock()
 		lag := c.hub.seq - c.cursor
 		c.hub.mu.Unlock()
 		if lag > c.queue {
-			c.clean = false
 			c.cutBehind(lag, false)
 			return true, batch
 		}
