@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
-	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -109,13 +108,7 @@ func TestFanoutDetachedSlowReaderGetsEverythingInOrder(t *testing.T) {
 	fast := openStream(t, base+"/events", false)
 	e.waitJoined(t, 1)
 	// A client that does not read, with the kernel's default buffers.
-	host := strings.TrimPrefix(base, "http://")
-	slow, err := net.Dial("tcp", host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slow.Close()
-	fmt.Fprintf(slow, "GET /events HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", host)
+	slow := dialRaw(t, base, "", 0)
 	waitHubClients(t, base, 2)
 	payload := strings.Repeat("x", 64<<10)
 	const n = 160 // 10 MB: more than the socket buffers of a reader that does not read

@@ -248,14 +248,23 @@ func streamRequest(t testing.TB, url string, h2 bool, headers ...string) (*http.
 // receive buffer that never reads, to fill the server's socket buffers.
 func dialStalled(t testing.TB, base string, extraHeaders string) net.Conn {
 	t.Helper()
+	return dialRaw(t, base, extraHeaders, 4096)
+}
+
+// dialRaw sends GET /events to base on a raw connection, with the same
+// Host as the other clients (the same fan-out key), and leaves the
+// response unread. A positive rcvbuf sets the socket's receive buffer.
+func dialRaw(t testing.TB, base string, extraHeaders string, rcvbuf int) net.Conn {
+	t.Helper()
 	host := strings.TrimPrefix(base, "http://")
 	conn, err := net.Dial("tcp", host)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	conn.(*net.TCPConn).SetReadBuffer(4096)
-	// The same Host as the other clients: the same fan-out key.
+	if rcvbuf > 0 {
+		conn.(*net.TCPConn).SetReadBuffer(rcvbuf)
+	}
 	fmt.Fprintf(conn, "GET /events HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n%s\r\n", host, extraHeaders)
 	return conn
 }
