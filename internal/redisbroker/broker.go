@@ -81,7 +81,7 @@ func New(client redis.UniversalClient, opts Options) *Broker {
 }
 
 // NewClient parses a redis:// or rediss:// URL and returns a client whose
-// calls fail within about a second when Redis is unreachable, instead of
+// calls fail within about two seconds when Redis is unreachable, instead of
 // hanging, and which never retries a command on its own (see the package doc:
 // a retried append could be applied twice). Timeouts given in the URL
 // (dial_timeout, read_timeout, ...) win.
@@ -106,6 +106,9 @@ func NewClient(url string) (*redis.Client, error) {
 	if !strings.Contains(q, "max_retries=") {
 		opt.MaxRetries = -1
 	}
+	// go-redis dials 5 times by default: 5 x DialTimeout against a
+	// blackholed address.
+	opt.DialerRetries = 2
 	return redis.NewClient(opt), nil
 }
 
