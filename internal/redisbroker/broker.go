@@ -50,6 +50,9 @@ type Options struct {
 	MaxAge    time.Duration // entries older than this are not replayed; 0: none
 	KeyTTL    time.Duration // expiry of an idle stream's keys; default 10 min
 	LeaseTTL  time.Duration // lease lifetime; default 6 s, renewed every TTL/3
+	// PingEvery is how long a Subscriber's connection may be silent before
+	// it is pinged; silent for 3 x PingEvery it is replaced. Default 1 s.
+	PingEvery time.Duration
 
 	// Now is the clock stamped on entries and used for the age bound; tests
 	// replace it. Default time.Now.
@@ -73,6 +76,9 @@ func New(client redis.UniversalClient, opts Options) *Broker {
 	}
 	if opts.LeaseTTL <= 0 {
 		opts.LeaseTTL = 6 * time.Second
+	}
+	if opts.PingEvery <= 0 {
+		opts.PingEvery = time.Second
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now

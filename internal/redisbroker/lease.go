@@ -2,6 +2,7 @@ package redisbroker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -144,7 +145,7 @@ func (k *Keeper) run(ctx context.Context, s *Stream, l Lease) {
 		switch {
 		case err == nil:
 			l = nl
-		case err == ErrNotLeader || !time.Now().Before(l.Expires):
+		case errors.Is(err, ErrNotLeader) || !time.Now().Before(l.Expires):
 			if ctx.Err() != nil {
 				continue // stopping: the case above releases
 			}

@@ -26,11 +26,9 @@ type Subscriber struct {
 	watchers map[string]map[*Watch]struct{} // channel -> watchers
 	closed   bool
 
-	cancel context.CancelFunc
-	done   chan struct{}
-	// pingEvery is how long the connection may stay silent before run
-	// pings it; silent for 3 x pingEvery, it is replaced.
-	pingEvery time.Duration
+	cancel    context.CancelFunc
+	done      chan struct{}
+	pingEvery time.Duration // Options.PingEvery
 }
 
 // Watch is one watcher's wake-up channel.
@@ -62,7 +60,7 @@ func (b *Broker) NewSubscriber() *Subscriber {
 		watchers:  make(map[string]map[*Watch]struct{}),
 		cancel:    cancel,
 		done:      make(chan struct{}),
-		pingEvery: time.Second,
+		pingEvery: b.opts.PingEvery,
 	}
 	go s.run(ctx)
 	return s

@@ -2,6 +2,9 @@ package redisbroker
 
 import (
 	"context"
+	"net"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -156,5 +159,114 @@ func TestSubscriberClose(t *testing.T) {
 	w3 := sub.Watch(ctx, New(c, Options{}).Stream("k3"))
 	if _, open := <-w3.C(); open {
 		t.Fatal("a watch on a closed subscriber is not closed")
+	}
+}
+
+// blackhole is a TCP proxy to a target whose existing connections can be
+// made to swallow all traffic without closing: a half-open connection, as
+// when a NAT or firewall drops state, which gives the client no error.
+type blackhole struct {
+	Addr string
+	l    net.Listener
+	mu   sync.Mutex
+	dead []*atomic.Bool
+	all  []net.Conn
+}
+
+func startBlackhole(t *testing.T, target string) *blackhole {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &blackhole{Addr: l.Addr().String(), l: l}
+	done := make(chan struct{})
+	go func() { // accept loop; ends when the listener is closed
+		defer close(done)
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			dead := new(atomic.Bool)
+			p.mu.Lock()
+			p.dead = append(p.dead, dead)
+			p.all = append(p.all, c, u)
+			p.mu.Unlock()
+			// Each copier ends when either side is closed (Cleanup).
+			go pump(c, u, dead)
+			go pump(u, c, dead)
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		<-done
+		p.mu.Lock()
+		for _, c := range p.all {
+			c.Close()
+		}
+		p.mu.Unlock()
+	})
+	return p
+}
+
+func pump(dst, src net.Conn, dead *atomic.Bool) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if err != nil {
+			return
+		}
+		if !dead.Load() {
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+	}
+}
+
+// swallow makes every connection open so far silent; new ones work.
+func (p *blackhole) swallow() {
+	p.mu.Lock()
+	for _, d := range p.dead {
+		d.Store(true)
+	}
+	p.mu.Unlock()
+}
+
+func TestSubscriberReplacesSilentConnection(t *testing.T) {
+	r := startRedis(t, redisOpts{})
+	ctx := testCtx(t)
+	p := startBlackhole(t, r.Addr)
+	c, err := NewClient("redis://" + p.Addr + "/0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sub := New(c, Options{PingEvery: 200 * time.Millisecond}).NewSubscriber()
+	defer sub.Close()
+	direct := New(r.client(t), Options{}).Stream("k")
+	w := sub.Watch(ctx, direct)
+	waitWake(t, w, 2*time.Second, "subscription confirmed")
+
+	p.swallow()
+	waitWake(t, w, 3*time.Second, "wake-up when the silent connection is replaced")
+	dc := r.client(t)
+	eventually(t, 3*time.Second, "subscribed on a new connection", func() bool {
+		return numsub(ctx, dc, direct.Channel()) >= 2 // the swallowed one lingers in Redis
+	})
+	l, _, _ := direct.Acquire(ctx)
+	// Twice: a stray confirmation could answer the first wait, not both.
+	for i := 0; i < 2; i++ {
+		select {
+		case <-w.C():
+		default:
+		}
+		mustAppend(t, direct, l, ev("", "x"))
+		waitWake(t, w, 2*time.Second, "append noticed on the new connection")
 	}
 }
