@@ -127,7 +127,13 @@ type Stream struct {
 
 // Stream returns the handle of key.
 func (b *Broker) Stream(key string) *Stream {
-	base := b.opts.Prefix + "{" + key + "}:"
+	tag := key
+	if tag == "" {
+		// "{}" is no hash tag: Redis Cluster would hash each full key name
+		// and scatter this stream's keys over slots, failing every script.
+		tag = "\x00"
+	}
+	base := b.opts.Prefix + "{" + tag + "}:"
 	return &Stream{
 		b: b, key: key,
 		meta: base + "meta", log: base + "log", ids: base + "ids",
