@@ -115,7 +115,30 @@ func NewClient(url string) (*redis.Client, error) {
 	// go-redis dials 5 times by default: 5 x DialTimeout against a
 	// blackholed address.
 	opt.DialerRetries = 2
+	// Without it go-redis ignores the caller's context deadline on reads.
+	opt.ContextTimeoutEnabled = true
 	return redis.NewClient(opt), nil
+}
+
+// NewUniversalClient returns a client for sentinel (MasterName set), cluster
+// (several Addrs) or one server, with the same defaults as NewClient for the
+// fields left zero: 1 s dial/read/write/pool timeouts, no command retries,
+// two dial attempts, and context deadlines honoured.
+func NewUniversalClient(o *redis.UniversalOptions) redis.UniversalClient {
+	c := *o
+	for _, d := range []*time.Duration{&c.DialTimeout, &c.ReadTimeout, &c.WriteTimeout, &c.PoolTimeout} {
+		if *d == 0 {
+			*d = time.Second
+		}
+	}
+	if c.MaxRetries == 0 {
+		c.MaxRetries = -1
+	}
+	if c.DialerRetries == 0 {
+		c.DialerRetries = 2
+	}
+	c.ContextTimeoutEnabled = true
+	return redis.NewUniversalClient(&c)
 }
 
 // Stream is one key's shared state. It is cheap: make one per hub.

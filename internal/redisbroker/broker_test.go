@@ -560,3 +560,71 @@ func TestRedisDownFailsPromptly(t *testing.T) {
 		}
 	}
 }
+
+// TestClusterClient runs the scripts, the MULTI read and Pub/Sub through a
+// ClusterClient against a Redis Cluster node: every key of a stream must
+// hash to one slot (else CROSSSLOT errors).
+func TestClusterClient(t *testing.T) {
+	r := startRedis(t, redisOpts{cluster: true})
+	ctx := testCtx(t)
+	c := NewUniversalClient(&redis.UniversalOptions{Addrs: []string{r.Addr}, IsClusterMode: true})
+	defer c.Close()
+	if _, ok := c.(*redis.ClusterClient); !ok {
+		t.Fatalf("got a %T", c)
+	}
+	b := New(c, Options{MaxEvents: 3})
+	sub := b.NewSubscriber()
+	defer sub.Close()
+	for _, key := range []string{"chat/1", "", "a}b{c"} {
+		s := b.Stream(key)
+		w := sub.Watch(ctx, s)
+		waitWake(t, w, 2*time.Second, "subscribed")
+		l, ok, err := s.Acquire(ctx)
+		if err != nil || !ok {
+			t.Fatalf("%q: acquire %v %v", key, ok, err)
+		}
+		var p []Position
+		for i := 0; i < 5; i++ {
+			p = append(p, mustAppend(t, s, l, ev(strconv.Itoa(i), strconv.Itoa(i)))...)
+		}
+		waitWake(t, w, 2*time.Second, "append noticed")
+		es, err := s.Range(ctx, p[1], 10)
+		if err != nil || datas(es) != "3:2:2 4:3:3 5:4:4" {
+			t.Fatalf("%q: range %q %v", key, datas(es), err)
+		}
+		if q, ok, err := s.Find(ctx, "3"); err != nil || !ok || q != p[3] {
+			t.Fatalf("%q: find %v %v %v", key, q, ok, err)
+		}
+		if _, err := s.Renew(ctx, l); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Release(ctx, l); err != nil {
+			t.Fatal(err)
+		}
+		w.Close()
+	}
+}
+
+// TestContextDeadline: a caller's deadline shorter than the read timeout
+// ends a call to a Redis that stopped answering.
+func TestContextDeadline(t *testing.T) {
+	r := startRedis(t, redisOpts{})
+	p := startBlackhole(t, r.Addr)
+	c, err := NewClient("redis://" + p.Addr + "/0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s := New(c, Options{}).Stream("k")
+	if _, err := s.Head(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	p.swallow()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = s.Head(ctx)
+	if d := time.Since(start); err == nil || d > 700*time.Millisecond {
+		t.Fatalf("head on a silent Redis: %v after %v", err, d)
+	}
+}

@@ -18,6 +18,7 @@ import (
 // redisOpts choose how a test's redis-server runs.
 type redisOpts struct {
 	persist bool // appendonly yes, fsync always: a restart keeps everything
+	cluster bool // a one-node Redis Cluster owning all 16384 slots
 }
 
 // redisProc is a redis-server owned by one test, on a loopback port of its
@@ -66,6 +67,9 @@ func (r *redisProc) Start() {
 	} else {
 		args = append(args, "--appendonly", "no")
 	}
+	if r.opts.cluster {
+		args = append(args, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+	}
 	cmd := exec.Command("redis-server", args...)
 	out, err := os.Create(r.dir + "/redis.log")
 	if err != nil {
@@ -81,6 +85,9 @@ func (r *redisProc) Start() {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if ping(r.Addr) == nil {
+			if r.opts.cluster {
+				r.clusterReady(deadline)
+			}
 			return
 		}
 		select {
@@ -116,6 +123,30 @@ func ping(addr string) error {
 		return fmt.Errorf("ping: %q", line)
 	}
 	return nil
+}
+
+// clusterReady gives the node every slot (once; nodes.conf keeps them over
+// restarts) and waits for cluster_state:ok.
+func (r *redisProc) clusterReady(deadline time.Time) {
+	r.t.Helper()
+	c := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer c.Close()
+	ctx := context.Background()
+	for {
+		info, err := c.ClusterInfo(ctx).Result()
+		if err == nil && strings.Contains(info, "cluster_state:ok") {
+			return
+		}
+		if err == nil && strings.Contains(info, "cluster_slots_assigned:0") {
+			if err := c.Do(ctx, "CLUSTER", "ADDSLOTSRANGE", 0, 16383).Err(); err != nil {
+				r.t.Fatalf("cluster addslots: %v", err)
+			}
+		}
+		if time.Now().After(deadline) {
+			r.t.Fatalf("cluster on %s not ok: %v %s", r.Addr, err, info)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // Kill ends redis-server with SIGKILL (nothing more is written) and waits.
