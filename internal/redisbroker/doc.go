@@ -78,11 +78,29 @@
 // silent (no reply to pings) is replaced. Nothing is ever "deaf" after Redis
 // comes back.
 //
+// # Reads and costs
+//
+// Range is one MULTI { HMGET meta; XRANGE log } round trip: atomic like a
+// script, half the cost of a Lua script returning 100 entries, and it only
+// reads. Per appended batch Redis runs one EVALSHA (inside: GET, HMGET-like
+// reads, XREVRANGE 1, XADD and HSET per event, XLEN, PEXPIRE x3, PUBLISH,
+// plus XRANGE/XTRIM/HDEL for what it trims); each node watching the key
+// gets one Pub/Sub message and answers with one Range. So Redis work per
+// event is O(1) in clients and O(nodes) in deliveries. A join is one Range.
+// Measured on the shared 2-core dev box (load ~10): fenced append until the
+// subscriber's wake-up ~270 us, Range of 100 x 200 B events ~430 us
+// (go test -run '^$' -bench . ./internal/redisbroker/).
+//
+// In Redis Cluster, PUBLISH is broadcast to every node of the cluster;
+// sharded Pub/Sub (SPUBLISH) would keep it in the slot's shard but needs a
+// Pub/Sub connection per shard: not done yet.
+//
 // # Errors
 //
 // Every call takes a context. NewClient sets 1 s dial/read/write/pool
 // timeouts and disables go-redis' automatic retries: a retried Append whose
 // first attempt did run would append twice. An Append that fails with a
-// network error may or may not have been applied; the leader can compare Head
-// with the offsets it expected.
+// network error may or may not have been applied; as the lease holder is the
+// only writer, the leader learns which by comparing Head with the offset it
+// expected, and must not blindly retry.
 package redisbroker
