@@ -428,11 +428,17 @@ function compressionLines(m) {
     const wire = m['caddy_sse_bytes_written_total/' + enc] || 0;
     if (raw === 0) continue;
     const e = comp.events[enc];
-    lines.push(e
-      ? `<b>${enc}</b> on events: <span class="fig-saved" data-enc="${enc}">${Math.round(100 * (1 - e.wire / e.raw))}% saved</span> ` +
+    lines.push(!e
+      ? `<b>${enc}</b> on events: measuring&hellip; (needs a burst of events while no client connects)`
+      // A client that joins mid-stream sends events uncompressed (a few
+      // bytes of framing more) until the shared compressor restarts:
+      // early on, after a reload, that may be all there is.
+      : e.wire >= e.raw ? `<b>${enc}</b> on events: nothing saved yet (${kib(e.raw)} of events took ${kib(e.wire)} on the wire) ` +
+        `<span class="mute">&mdash; a client that joins mid-stream sends events uncompressed until the shared compressor ` +
+        `starts afresh, after the next silence (docs/compression.md)</span>`
+      : `<b>${enc}</b> on events: <span class="fig-saved" data-enc="${enc}">${Math.round(100 * (1 - e.wire / e.raw))}% saved</span> ` +
         `(${kib(e.raw)} of events took ${kib(e.wire)} on the wire) <span class="mute">&mdash; after each silence, the first ` +
-        `event compresses least: the shared compressor starts afresh after a heartbeat (docs/compression.md)</span>`
-      : `<b>${enc}</b> on events: measuring&hellip; (needs a burst of events while no client connects)`);
+        `event compresses least: the shared compressor starts afresh after a heartbeat (docs/compression.md)</span>`);
     lines.push(`<span class="mute">${enc}, all bytes: ${kib(raw)} of stream, ${kib(wire)} on the wire. That includes each connection's ` +
       `2 KiB of padding, noise on purpose so that it still fills buffers when compressed, and the heartbeats, ` +
       `which each client writes uncompressed.</span>`);
