@@ -292,10 +292,13 @@ class Panel {
   }
 
   // upstreamDrops takes the number of times the plugin had to reconnect to
-  // the backend (its hubs' reconnects), and logs each new one.
+  // the backend (its hubs' reconnects), and counts and logs the ones since
+  // the page loaded: a tab that joins a running hub starts at 0.
   upstreamDrops(n) {
-    if (n <= this.s.drops) return;
-    this.s.drops = n;
+    if (this.dropsBase === undefined) this.dropsBase = n;
+    if (n < this.dropsBase + this.s.drops) this.dropsBase = n - this.s.drops; // a new hub counts from 0 again
+    if (n - this.dropsBase <= this.s.drops) return;
+    this.s.drops = n - this.dropsBase;
     this.row('upstream', 'the backend dropped the plugin\'s connection; the plugin reconnected on its own, this stream stayed open');
     this.render();
   }
