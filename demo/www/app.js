@@ -299,7 +299,7 @@ class Panel {
     if (n < this.dropsBase + this.s.drops) this.dropsBase = n - this.s.drops; // a new hub counts from 0 again
     if (n - this.dropsBase <= this.s.drops) return;
     this.s.drops = n - this.dropsBase;
-    this.row('upstream', 'the backend dropped the plugin\'s connection; the plugin reconnected on its own, this stream stayed open');
+    this.row('upstream', 'backend drop: plugin reconnected, this stream stayed open');
     this.render();
   }
 
