@@ -27,5 +27,7 @@
 //   - network_test.go: the tab's requests and responses as the browser's
 //     network stack saw them (headers on the wire both ways).
 //   - testdata/page.html: the page, which records every dispatched event.
+//   - demo_test.go: the demo (demo/Caddyfile, demo/www) as a person sees
+//     it; SSE_E2E_SCREENSHOTS=<dir> keeps its screenshot.
 //   - *_test.go: one file per behaviour.
 package e2e
