@@ -102,6 +102,17 @@ type Fanout struct {
 	MaxClients      int `json:"max_clients,omitempty"`
 	MaxClientsTotal int `json:"max_clients_total,omitempty"`
 
+	// AnyAccept lets GET requests fan out whatever their Accept header,
+	// as long as it admits an event stream: none, */*, text/* or
+	// text/event-stream (not with q=0). By default only requests that
+	// name text/event-stream, as EventSource does, join a hub; curl and
+	// fetch-based clients, which send */*, get one upstream each and no
+	// replay. Requests that ask for something else (application/json)
+	// never fan out, so that their answer cannot become the hub's
+	// upstream request. A response that is not a stream still passes
+	// through. Default: false.
+	AnyAccept bool `json:"any_accept,omitempty"`
+
 	linger     time.Duration
 	poolPrefix string       // the hub settings, which are part of every pool key
 	clients    atomic.Int64 // connected clients of this handler
