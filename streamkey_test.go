@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
@@ -378,5 +379,20 @@ func TestStreamKey(t *testing.T) {
 	big := req("http://h.test/"+strings.Repeat("p", 100000), "X-Big", strings.Repeat("v", 100000))
 	if n := len(streamKey(big)); n > maxKeyPrefix+1+64 {
 		t.Errorf("key of a huge request is %d bytes", n)
+	}
+}
+
+// {sse.default_key} in a key template narrows the default key.
+func TestTemplateKeyDefaultPlaceholder(t *testing.T) {
+	r, _ := http.NewRequest(http.MethodGet, "http://h.test/events", nil)
+	r.Header.Set("X-API-Key", "alice")
+	repl := caddy.NewReplacer()
+	repl.Set("test.ip", "192.0.2.1")
+	r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, repl))
+	if got, want := templateKey(r, "{sse.default_key} {test.ip}"), streamKey(r)+" 192.0.2.1"; got != want {
+		t.Fatalf("templateKey = %q, want %q", got, want)
+	}
+	if got := templateKey(r, "{test.ip}"); got != "192.0.2.1" {
+		t.Fatalf("templateKey without the default = %q", got)
 	}
 }
