@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
@@ -82,5 +83,22 @@ func TestCaddyfileAnyAccept(t *testing.T) {
 	}`))
 	if err == nil || !strings.Contains(err.Error(), "wrong argument count") {
 		t.Fatalf("any_accept with an argument: %v", err)
+	}
+}
+
+// With any_accept, a curl-like client still gets a backend answer that is
+// not a stream, as it is.
+func TestFanoutAnyAcceptPassesNonStreamThrough(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	e.status = http.StatusNotFound
+	e.header = http.Header{"Content-Type": {"text/plain"}}
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"fanout": map[string]any{"any_accept": true}}))
+	c := openIso(t, isoClient{name: "curl", url: base + "/events", header: http.Header{"Accept": {"*/*"}}}, nil)
+	if c.Resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("status %d, want the backend's 404", c.Resp.StatusCode)
+	}
+	if got := string(c.waitEOF(t, 5*time.Second)); got != "backend says no" {
+		t.Fatalf("body %q, want the backend's", got)
 	}
 }
