@@ -89,10 +89,11 @@ func (h *Handler) hashKey(parts ...string) string {
 }
 
 // requestKey is the hashed identity of a request: what a client asks an
-// upstream for, and as whom.
+// upstream for, and as whom: the default fan-out key (streamkey.go), so
+// that every credential kind counts and a pass-through stream shows the
+// key of the hub it would share with the default key.
 func (h *Handler) requestKey(r *http.Request) string {
-	return h.hashKey(r.Host, r.URL.Path, r.URL.RawQuery,
-		r.Header.Get("Authorization"), r.Header.Get("Cookie"))
+	return h.hashKey(streamKey(r))
 }
 
 // listStreams reports the handler's live streams.

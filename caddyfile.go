@@ -48,6 +48,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			client_queue      <events>
 //			max_clients       <clients>
 //			max_clients_total <clients>
+//			any_accept
 //		}
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
@@ -202,6 +203,11 @@ func (f *Fanout) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			f.MaxClients, err = oneInt(one)
 		case "max_clients_total":
 			f.MaxClientsTotal, err = oneInt(one)
+		case "any_accept": // a flag
+			if len(args) != 0 {
+				return d.ArgErr()
+			}
+			f.AnyAccept = true
 		default:
 			return d.Errf("unrecognized fanout option '%s'", opt)
 		}

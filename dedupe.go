@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"cmp"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -44,11 +42,16 @@ const (
 // backend that knows nothing of Last-Event-ID gets loss-free resume.
 type Fanout struct {
 	// Key decides which requests share one upstream stream; Caddy
-	// placeholders are expanded per request. By default the key is the
-	// host, path and query plus a hash of the Authorization and Cookie
-	// headers, so users with different credentials never share a stream.
-	// A key you set replaces all of that: everyone whose requests give the
-	// same key shares one stream, whatever their credentials.
+	// placeholders are expanded per request. By default (streamkey.go)
+	// requests share only if the backend could not tell them apart: the
+	// key covers method, scheme, host, path, query, the TLS client
+	// certificate and every request header except a short list that
+	// carries no identity (Accept, User-Agent, ...; see the README). The
+	// client IP is not part of it. A key you set replaces all of that, to
+	// widen sharing on purpose: everyone whose requests give the same key
+	// shares one stream, whatever their credentials. {sse.default_key}
+	// in it stands for the default key, to narrow it instead, e.g. by
+	// client IP: "{sse.default_key} {client_ip}".
 	Key string `json:"key,omitempty"`
 
 	// BufferEvents bounds the replay cache by count. Default: 1000.
@@ -98,6 +101,17 @@ type Fanout struct {
 	// Default: 0, no limit.
 	MaxClients      int `json:"max_clients,omitempty"`
 	MaxClientsTotal int `json:"max_clients_total,omitempty"`
+
+	// AnyAccept lets GET requests fan out whatever their Accept header,
+	// as long as it admits an event stream: none, */*, text/* or
+	// text/event-stream (not with q=0). By default only requests that
+	// name text/event-stream, as EventSource does, join a hub; curl and
+	// fetch-based clients, which send */*, get one upstream each and no
+	// replay. Requests that ask for something else (application/json)
+	// never fan out, so that their answer cannot become the hub's
+	// upstream request. A response that is not a stream still passes
+	// through. Default: false.
+	AnyAccept bool `json:"any_accept,omitempty"`
 
 	linger     time.Duration
 	poolPrefix string       // the hub settings, which are part of every pool key
@@ -159,14 +173,9 @@ func (f *Fanout) validate() error {
 // fanoutKey is the stream key of a request (see Fanout.Key).
 func (h *Handler) fanoutKey(r *http.Request) string {
 	if h.Fanout.Key != "" {
-		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-		if repl != nil {
-			return repl.ReplaceAll(h.Fanout.Key, "")
-		}
-		return h.Fanout.Key
+		return templateKey(r, h.Fanout.Key) // streamkey.go
 	}
-	sum := sha256.Sum256([]byte(r.Header.Get("Authorization") + "\x00" + r.Header.Get("Cookie")))
-	return r.Host + r.URL.RequestURI() + "\x00" + hex.EncodeToString(sum[:16])
+	return streamKey(r) // streamkey.go
 }
 
 // hubConfig is what a hub needs of its handler's configuration. Handlers

@@ -206,7 +206,7 @@ func (h *Handler) padding() int {
 // ServeHTTP passes the request on and turns an event-stream response into
 // a stream that is flushed per event; any other response is untouched.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	if !acceptsEventStream(r.Header) {
+	if !acceptsEventStream(r.Header) && !h.fansOutAnyAccept(r) {
 		return h.servePassthrough(w, r, next)
 	}
 	// The backend must send a plain stream we can read; compressing it is
@@ -260,6 +260,46 @@ func acceptsEventStream(hdr http.Header) bool {
 			if isEventStreamType(part) {
 				return true
 			}
+		}
+	}
+	return false
+}
+
+// fansOutAnyAccept reports whether r fans out under fanout's any_accept
+// although it does not name text/event-stream.
+func (h *Handler) fansOutAnyAccept(r *http.Request) bool {
+	return h.Fanout != nil && h.Fanout.AnyAccept && r.Method == http.MethodGet && admitsEventStream(r.Header)
+}
+
+// admitsEventStream reports whether the Accept header lets the response be
+// an event stream: no Accept at all, or a media range */*, text/* or
+// text/event-stream whose q is not 0.
+func admitsEventStream(hdr http.Header) bool {
+	values := hdr.Values("Accept")
+	if len(values) == 0 {
+		return true
+	}
+	for _, v := range values {
+		for part := range strings.SplitSeq(v, ",") {
+			mt, params, _ := strings.Cut(part, ";")
+			switch strings.ToLower(strings.TrimSpace(mt)) {
+			case "*/*", "text/*", "text/event-stream":
+				if !zeroQ(params) {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+// zeroQ reports whether media type parameters hold q=0 ("not acceptable").
+func zeroQ(params string) bool {
+	for p := range strings.SplitSeq(params, ";") {
+		name, val, _ := strings.Cut(p, "=")
+		if strings.EqualFold(strings.TrimSpace(name), "q") {
+			q, err := strconv.ParseFloat(strings.TrimSpace(val), 64)
+			return err == nil && q == 0
 		}
 	}
 	return false
