@@ -37,8 +37,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		padding        <size>|off
 //		retry          <duration>|off
 //		max_age        <duration>|off
-//		write_timeout  <duration>
-//		max_event_size <size>
+//		write_timeout  <duration>|off    (off: no bound; -1 in JSON)
+//		max_event_size <size>           (1KiB to 1GiB)
 //		compress       <encoding>...|off   (zstd, gzip; default: zstd gzip)
 //		fanout {
 //			key               <template>
