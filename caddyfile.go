@@ -1,9 +1,12 @@
 package caddysse
 
 import (
+	"cmp"
+	"errors"
 	"fmt"
 	"math"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -34,8 +37,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		padding        <size>|off
 //		retry          <duration>|off
 //		max_age        <duration>|off
-//		write_timeout  <duration>
-//		max_event_size <size>
+//		write_timeout  <duration>|off    (off: no bound; -1 in JSON)
+//		max_event_size <size>           (1KiB to 1GiB)
 //		compress       <encoding>...|off   (zstd, gzip; default: zstd gzip)
 //		fanout {
 //			key               <template>
@@ -51,207 +54,310 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			any_accept
 //		}
 //	}
+//
+// Every value is checked here, with the file and line, by the same range
+// functions Validate uses (limits.go); an option may be given once.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
 	if d.NextArg() {
-		return d.ArgErr()
+		return d.Errf("sse: unexpected argument '%s' (options go in a block)", d.Val())
 	}
+	seen := make(map[string]int)
 	for d.NextBlock(0) {
-		var err error
 		opt := d.Val()
-		switch opt {
-		case "heartbeat":
-			args := d.RemainingArgs()
-			if len(args) < 1 || len(args) > 2 {
-				return d.ArgErr()
-			}
-			var dur caddy.Duration
-			if dur, err = parseDurationOrOff(args[0]); err == nil {
-				h.Heartbeat = &dur
-			}
-			if len(args) == 2 {
-				h.HeartbeatComment = args[1]
-			}
-		case "padding":
-			var size int
-			if size, err = parseSizeOrOff(d, maxPadding); err == nil {
-				h.Padding = &size
-			}
-		case "retry":
-			h.Retry, err = singleDurationOrOff(d)
-		case "max_age":
-			h.MaxAge, err = singleDurationOrOff(d)
-		case "write_timeout":
-			h.WriteTimeout, err = singleDurationOrOff(d)
-		case "max_event_size":
-			h.MaxEventSize, err = parseSizeOrOff(d, math.MaxInt32)
-		case "compress":
-			if h.Compress = d.RemainingArgs(); len(h.Compress) == 0 {
-				return d.ArgErr()
-			}
-			if _, cerr := compressionPrefs(h.Compress); cerr != nil {
-				return d.Err(cerr.Error()) // names the option already
-			}
-		case "fanout":
-			h.Fanout = new(Fanout)
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-			err = h.Fanout.unmarshalCaddyfile(d)
-		default:
-			return d.Errf("unrecognized sse option '%s'", opt)
+		if err := once(d, seen, ""); err != nil {
+			return err
 		}
-		if err != nil {
+		if opt == "fanout" {
+			if d.NextArg() {
+				return d.Errf("fanout: unexpected argument '%s' (options go in a block)", d.Val())
+			}
+			h.Fanout = new(Fanout)
+			if err := h.Fanout.unmarshalCaddyfile(d); err != nil {
+				return err // located at the fan-out option at fault
+			}
+			continue
+		}
+		if err := h.unmarshalOption(opt, d.RemainingArgs()); err != nil {
 			return d.Errf("%s: %v", opt, err)
 		}
 	}
 	return nil
 }
 
-func singleDurationOrOff(d *caddyfile.Dispenser) (caddy.Duration, error) {
-	if !d.NextArg() {
-		return 0, d.ArgErr()
-	}
-	val := d.Val()
-	if d.NextArg() {
-		return 0, d.ArgErr()
-	}
-	return parseDurationOrOff(val)
+// handlerUsage is each option's syntax, for the message about a wrong
+// number of arguments.
+var handlerUsage = map[string]string{
+	"heartbeat":      "<interval>|off [<comment text>]",
+	"padding":        "<size>|off",
+	"retry":          "<duration>|off",
+	"max_age":        "<duration>|off",
+	"write_timeout":  "<duration>|off",
+	"max_event_size": "<size>",
+	"compress":       "<encodings...>|off",
 }
 
-func parseDurationOrOff(s string) (caddy.Duration, error) {
+// unmarshalOption sets one option of the sse block from its arguments.
+// Its errors name neither the option nor the line: the caller adds both.
+func (h *Handler) unmarshalOption(opt string, args []string) error {
+	usage, known := handlerUsage[opt]
+	if !known {
+		return errors.New("unrecognized sse option")
+	}
+	maxArgs := map[string]int{"heartbeat": 2, "compress": math.MaxInt}[opt]
+	if len(args) == 0 || len(args) > max(maxArgs, 1) {
+		return fmt.Errorf("wrong argument count: want %s %s", opt, usage)
+	}
+	switch opt {
+	case "heartbeat":
+		dur, err := parseDurationOrOff(args[0])
+		if err == nil {
+			err = checkHeartbeat(dur)
+		}
+		if err != nil {
+			return err
+		}
+		h.Heartbeat = (*caddy.Duration)(&dur)
+		if len(args) == 2 {
+			if err := checkCommentLine(args[1]); err != nil {
+				return fmt.Errorf("comment %w", err)
+			}
+			h.HeartbeatComment = args[1]
+		}
+	case "padding":
+		size := 0
+		if args[0] != "off" {
+			var err error
+			if size, err = parseSize(args[0]); err != nil {
+				return err
+			}
+		}
+		if err := checkPadding(size); err != nil {
+			return err
+		}
+		h.Padding = &size
+	case "retry", "max_age", "write_timeout":
+		dur, err := parseDurationOrOff(args[0])
+		if err != nil {
+			return err
+		}
+		switch opt {
+		case "retry":
+			err = checkRetry(dur)
+			h.Retry = caddy.Duration(dur)
+		case "max_age":
+			err = checkMaxAge(dur)
+			h.MaxAge = caddy.Duration(dur)
+		case "write_timeout":
+			if dur < 0 {
+				return fmt.Errorf("%s is negative (off means no bound)", dur)
+			}
+			// 0 would be the default in JSON: off is written as -1 there.
+			h.WriteTimeout = caddy.Duration(cmp.Or(dur, -1))
+		}
+		return err
+	case "max_event_size":
+		if args[0] == "off" {
+			return fmt.Errorf("cannot be off: give a size of at least %s", sizeString(minMaxEventSize))
+		}
+		size, err := parseSize(args[0])
+		if err == nil && size == 0 { // 0 would be the default in JSON
+			err = fmt.Errorf("%s is below the minimum of %s", args[0], sizeString(minMaxEventSize))
+		}
+		if err == nil {
+			err = checkMaxEventSize(size)
+		}
+		h.MaxEventSize = size
+		return err
+	case "compress":
+		if _, err := compressionPrefs(args); err != nil {
+			// compressionPrefs names the option itself, for Validate.
+			return errors.New(strings.TrimPrefix(err.Error(), "compress: "))
+		}
+		h.Compress = args
+	}
+	return nil
+}
+
+// once rejects an option given a second time in the same block, rather
+// than letting the last one win unnoticed.
+func once(d *caddyfile.Dispenser, seen map[string]int, prefix string) error {
+	opt := d.Val()
+	if line, ok := seen[opt]; ok {
+		return d.Errf("%s%s: given twice (first on line %d); give each option once", prefix, opt, line)
+	}
+	seen[opt] = d.Line()
+	return nil
+}
+
+// parseDurationOrOff reads a duration such as 500ms, 30s, 1h or 2d; off
+// (and 0) is 0. Negative values are returned for the range check to name.
+func parseDurationOrOff(s string) (time.Duration, error) {
 	if s == "off" {
 		return 0, nil
 	}
 	dur, err := caddy.ParseDuration(s)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("%q is not a duration (such as 500ms, 30s or 1h)", s)
 	}
-	if dur < 0 {
-		return 0, fmt.Errorf("negative duration %s", time.Duration(dur))
-	}
-	return caddy.Duration(dur), nil
+	return dur, nil
 }
 
-// parseSizeOrOff reads one size argument such as 2KiB, 2048 or off (0).
-func parseSizeOrOff(d *caddyfile.Dispenser, max uint64) (int, error) {
-	if !d.NextArg() {
-		return 0, d.ArgErr()
+// parseSize reads a size such as 2048, 2KiB or 1MiB. A negative one is an
+// error of its own: humanize cannot parse it, and its message would be
+// about strconv.ParseFloat.
+func parseSize(s string) (int, error) {
+	if rest, neg := strings.CutPrefix(s, "-"); neg {
+		if _, err := humanize.ParseBytes(rest); err == nil {
+			return 0, fmt.Errorf("%s is negative", s)
+		}
 	}
-	val := d.Val()
-	if d.NextArg() {
-		return 0, d.ArgErr()
-	}
-	if val == "off" {
-		return 0, nil
-	}
-	size, err := humanize.ParseBytes(val)
+	size, err := humanize.ParseBytes(s)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("%q is not a size (such as 2048, 2KiB or 1MiB)", s)
 	}
-	if size > max {
-		return 0, fmt.Errorf("%s is over the maximum of %s", val, humanize.IBytes(max))
-	}
-	return int(size), nil
+	return int(min(size, math.MaxInt)), nil
 }
 
 // Interface guard
 var _ caddyfile.Unmarshaler = (*Handler)(nil)
 
+// fanoutUsage is each fan-out option's syntax.
+var fanoutUsage = map[string]string{
+	"key":               "<template>",
+	"buffer":            "<events> <size> <age> (any of them, in any order)",
+	"linger":            "<duration>|off",
+	"ids":               strings.Join(idsModes, "|"),
+	"replay_on_connect": "<events>",
+	"on_unknown_id":     strings.Join(unknownModes, "|"),
+	"reset_event":       "<event type>",
+	"client_queue":      "<events>",
+	"max_clients":       "<clients>",
+	"max_clients_total": "<clients>",
+	"any_accept":        "(a flag, no arguments)",
+}
+
+// unmarshalCaddyfile reads the fanout block; its errors carry the line
+// of the option at fault.
 func (f *Fanout) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	seen := make(map[string]int)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
-		args := d.RemainingArgs()
-		one := func() (string, error) {
-			if len(args) != 1 {
-				return "", d.ArgErr()
-			}
-			return args[0], nil
+		if err := once(d, seen, "fanout: "); err != nil {
+			return err
 		}
-		var err error
-		var val string
-		switch opt {
-		case "key":
-			f.Key, err = one()
-		case "buffer":
-			if len(args) == 0 || len(args) > 3 {
-				return d.ArgErr()
-			}
-			for _, a := range args {
-				if err = f.parseBufferBound(a); err != nil {
-					break
-				}
-			}
-		case "linger":
-			if val, err = one(); err == nil {
-				var dur caddy.Duration
-				if dur, err = parseDurationOrOff(val); err == nil {
-					f.Linger = &dur
-				}
-			}
-		case "ids":
-			f.IDs, err = one()
-		case "on_unknown_id":
-			f.OnUnknownID, err = one()
-		case "reset_event":
-			f.ResetEvent, err = one()
-		case "replay_on_connect":
-			f.ReplayOnConnect, err = oneInt(one)
-		case "client_queue":
-			f.ClientQueue, err = oneInt(one)
-		case "max_clients":
-			f.MaxClients, err = oneInt(one)
-		case "max_clients_total":
-			f.MaxClientsTotal, err = oneInt(one)
-		case "any_accept": // a flag
-			if len(args) != 0 {
-				return d.ArgErr()
-			}
-			f.AnyAccept = true
-		default:
-			return d.Errf("unrecognized fanout option '%s'", opt)
-		}
-		if err != nil {
+		if err := f.unmarshalOption(opt, d.RemainingArgs()); err != nil {
 			return d.Errf("fanout: %s: %v", opt, err)
 		}
 	}
-	return f.validate()
-}
-
-// parseBufferBound reads one bound of the replay cache: a plain number is
-// a count of events, a duration (10m) an age, a size with a unit (8MiB) a
-// byte size.
-func (f *Fanout) parseBufferBound(a string) error {
-	if n, err := strconv.Atoi(a); err == nil {
-		if n < 0 {
-			return fmt.Errorf("negative event count %d", n)
-		}
-		f.BufferEvents = n
-		return nil
-	}
-	if dur, err := caddy.ParseDuration(a); err == nil {
-		if dur < 0 {
-			return fmt.Errorf("negative age %s", a)
-		}
-		f.BufferAge = caddy.Duration(dur)
-		return nil
-	}
-	size, err := humanize.ParseBytes(a)
-	if err != nil || size > math.MaxInt32 {
-		return fmt.Errorf("%q is neither an event count (1000), a size (8MiB) nor an age (10m)", a)
-	}
-	f.BufferBytes = int(size)
 	return nil
 }
 
-func oneInt(one func() (string, error)) (int, error) {
-	val, err := one()
+// unmarshalOption sets one fan-out option from its arguments.
+func (f *Fanout) unmarshalOption(opt string, args []string) error {
+	usage, known := fanoutUsage[opt]
+	if !known {
+		return errors.New("unrecognized fanout option")
+	}
+	if opt == "any_accept" {
+		if len(args) != 0 {
+			return fmt.Errorf("wrong argument count: want any_accept %s", usage)
+		}
+		f.AnyAccept = true
+		return nil
+	}
+	maxArgs := map[string]int{"buffer": 3}[opt]
+	if len(args) == 0 || len(args) > max(maxArgs, 1) {
+		return fmt.Errorf("wrong argument count: want %s %s", opt, usage)
+	}
+	val := args[0]
+	var err error
+	switch opt {
+	case "key":
+		f.Key = val
+	case "buffer":
+		return f.parseBuffer(args)
+	case "linger":
+		var dur time.Duration
+		if dur, err = parseDurationOrOff(val); err == nil {
+			err = checkNonNegative(dur)
+		}
+		f.Linger = (*caddy.Duration)(&dur)
+	case "ids":
+		f.IDs, err = val, checkOneOf(val, idsModes...)
+	case "on_unknown_id":
+		f.OnUnknownID, err = val, checkOneOf(val, unknownModes...)
+	case "reset_event":
+		f.ResetEvent, err = val, checkCommentLine(val)
+	case "replay_on_connect":
+		f.ReplayOnConnect, err = parseCount(val, 0)
+	case "client_queue":
+		f.ClientQueue, err = parseCount(val, 1) // 0 would be the default in JSON
+	case "max_clients":
+		f.MaxClients, err = parseCount(val, 0)
+	case "max_clients_total":
+		f.MaxClientsTotal, err = parseCount(val, 0)
+	}
+	return err
+}
+
+// parseBuffer reads the bounds of the replay cache: a plain number is a
+// count of events, a duration (10m) an age, a size with a unit (8MiB) a
+// byte size; each kind at most once.
+func (f *Fanout) parseBuffer(args []string) error {
+	var kinds [3]string // the argument that set events, bytes, age
+	for _, a := range args {
+		kind, err := f.parseBufferBound(a)
+		if err != nil {
+			return err
+		}
+		if kinds[kind] != "" {
+			return fmt.Errorf("%s and %s are both %s", kinds[kind], a, bufferKinds[kind])
+		}
+		kinds[kind] = a
+	}
+	return nil
+}
+
+var bufferKinds = [3]string{"event counts", "sizes", "ages"}
+
+// parseBufferBound reads one bound and says which kind it is.
+func (f *Fanout) parseBufferBound(a string) (kind int, err error) {
+	if rest, neg := strings.CutPrefix(a, "-"); neg {
+		if kind, err := new(Fanout).parseBufferBound(rest); err == nil {
+			return kind, fmt.Errorf("%s is negative", a)
+		}
+	}
+	if n, err := strconv.Atoi(a); err == nil {
+		if n == 0 { // 0 would be the default in JSON
+			return 0, errors.New("0 events: the cache holds at least 1")
+		}
+		f.BufferEvents = n
+		return 0, checkCount(n)
+	}
+	if dur, err := caddy.ParseDuration(a); err == nil {
+		f.BufferAge = caddy.Duration(dur)
+		return 2, checkNonNegative(dur)
+	}
+	size, err := parseSize(a)
+	switch {
+	case err != nil:
+		return 1, fmt.Errorf("%q is neither an event count (1000), a size (8MiB) nor an age (10m)", a)
+	case size == 0: // 0 would be the default in JSON
+		return 1, fmt.Errorf("%s: the cache holds at least 1 byte", a)
+	}
+	f.BufferBytes = size
+	return 1, checkBufferBytes(size)
+}
+
+// parseCount reads a whole number of at least lowest.
+func parseCount(s string, lowest int) (int, error) {
+	n, err := strconv.Atoi(s)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("%q is not a whole number", s)
 	}
-	n, err := strconv.Atoi(val)
-	if err == nil && n < 0 {
-		err = fmt.Errorf("negative number %d", n)
+	if n >= 0 && n < lowest {
+		return n, fmt.Errorf("%d is below the minimum of %d", n, lowest)
 	}
-	return n, err
+	return n, checkCount(n)
 }

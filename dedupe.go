@@ -146,30 +146,6 @@ func (f *Fanout) provision() {
 	f.runs = make(map[*hub]struct{})
 }
 
-func (f *Fanout) validate() error {
-	switch {
-	case f.BufferEvents < 0:
-		return fmt.Errorf("fanout: buffer_events: %d is negative", f.BufferEvents)
-	case f.BufferBytes < 0:
-		return fmt.Errorf("fanout: buffer_bytes: %d is negative", f.BufferBytes)
-	case f.BufferAge < 0:
-		return fmt.Errorf("fanout: buffer_age: %s is negative", time.Duration(f.BufferAge))
-	case f.Linger != nil && *f.Linger < 0:
-		return fmt.Errorf("fanout: linger: %s is negative", time.Duration(*f.Linger))
-	case f.IDs != "" && f.IDs != "auto" && f.IDs != "upstream" && f.IDs != "synthesize":
-		return fmt.Errorf("fanout: ids: %q is not one of auto, upstream, synthesize", f.IDs)
-	case f.ReplayOnConnect < 0:
-		return fmt.Errorf("fanout: replay_on_connect: %d is negative", f.ReplayOnConnect)
-	case f.OnUnknownID != "" && f.OnUnknownID != "reset" && f.OnUnknownID != "backend":
-		return fmt.Errorf("fanout: on_unknown_id: %q is not one of reset, backend", f.OnUnknownID)
-	case f.ClientQueue < 0:
-		return fmt.Errorf("fanout: client_queue: %d is negative", f.ClientQueue)
-	case f.MaxClients < 0 || f.MaxClientsTotal < 0:
-		return errors.New("fanout: max_clients: negative")
-	}
-	return nil
-}
-
 // fanoutKey is the stream key of a request (see Fanout.Key).
 func (h *Handler) fanoutKey(r *http.Request) string {
 	if h.Fanout.Key != "" {

@@ -72,7 +72,10 @@ type Handler struct {
 	// read_timeout and write_timeout (and minimum rates) are lifted for
 	// streams, since a stream never ends and Caddy would otherwise cut it
 	// that long after it began; this is what drops a client that stopped
-	// reading. Default: 30s.
+	// reading. Default: 30s. A negative value (the Caddyfile's `off`
+	// adapts to -1) means no bound on a write: a client that stops reading
+	// can then hold its stream (and in pass-through its upstream request)
+	// indefinitely.
 	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
 
 	// MaxEventSize bounds the bytes of one unfinished event held while
@@ -126,8 +129,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.HeartbeatComment == "" {
 		h.HeartbeatComment = defaultHeartbeatComment
 	}
-	if h.WriteTimeout == 0 {
+	switch {
+	case h.WriteTimeout == 0:
 		h.WriteTimeout = caddy.Duration(defaultWriteTimeout)
+	case h.WriteTimeout < 0:
+		h.WriteTimeout = 0 // off: every writer takes 0 as "no bound"
 	}
 	if h.MaxEventSize == 0 {
 		h.MaxEventSize = defaultMaxEventSize
@@ -149,27 +155,21 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 }
 
 // Validate rejects configurations that cannot work, naming the field.
+// The ranges are in limits.go, shared with the Caddyfile parser.
 func (h *Handler) Validate() error {
-	if h.Heartbeat != nil && *h.Heartbeat != 0 && time.Duration(*h.Heartbeat) < time.Second {
-		return fmt.Errorf("heartbeat: %s is below 1s (use 0 or off to disable)", time.Duration(*h.Heartbeat))
+	heartbeat := time.Duration(0)
+	if h.Heartbeat != nil {
+		heartbeat = time.Duration(*h.Heartbeat)
 	}
-	if strings.ContainsAny(h.HeartbeatComment, "\r\n") {
-		return errors.New("heartbeat_comment: must be a single line")
-	}
-	if p := h.padding(); p < 0 || p == 1 || p > maxPadding {
-		return fmt.Errorf("padding: %d bytes is out of range (0 to disable, or 2 to %d)", p, maxPadding)
-	}
-	if h.Retry < 0 {
-		return fmt.Errorf("retry: %s is negative", time.Duration(h.Retry))
-	}
-	if h.MaxAge < 0 || (h.MaxAge > 0 && time.Duration(h.MaxAge) < time.Second) {
-		return fmt.Errorf("max_age: %s is out of range (0 to disable, or at least 1s)", time.Duration(h.MaxAge))
-	}
-	if h.WriteTimeout < 0 {
-		return fmt.Errorf("write_timeout: %s is negative", time.Duration(h.WriteTimeout))
-	}
-	if h.MaxEventSize < 0 || (h.MaxEventSize > 0 && h.MaxEventSize < minMaxEventSize) {
-		return fmt.Errorf("max_event_size: %d bytes is below the minimum of %d", h.MaxEventSize, minMaxEventSize)
+	if err := firstError(
+		named("heartbeat", checkHeartbeat(heartbeat)),
+		named("heartbeat_comment", checkCommentLine(h.HeartbeatComment)),
+		named("padding", checkPadding(h.padding())),
+		named("retry", checkRetry(time.Duration(h.Retry))),
+		named("max_age", checkMaxAge(time.Duration(h.MaxAge))),
+		named("max_event_size", checkMaxEventSize(h.MaxEventSize)),
+	); err != nil {
+		return err
 	}
 	if _, err := compressionPrefs(h.Compress); err != nil {
 		return err

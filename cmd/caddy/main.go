@@ -1,6 +1,8 @@
 // Command caddy is Caddy with the standard modules plus caddy-sse, for local
-// use and for the demo; it is what `xcaddy build --with
-// github.com/seed-b7710c89/caddy-sse` produces.
+// use and for the demo: what `xcaddy build v2.11.9 --with
+// github.com/seed-b7710c89/caddy-sse@v0.0.0=.` produces from a clone, plus the
+// demo's backend handler (legacy_sse_demo), which does nothing unless a
+// config names it.
 package main
 
 import (
