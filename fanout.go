@@ -1,0 +1,316 @@
+package caddysse
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// Fan-out defaults.
+const (
+	defaultBufferEvents = 1000
+	defaultBufferBytes  = 8 << 20
+	defaultLinger       = 30 * time.Second
+	defaultClientQueue  = 256
+	defaultResetEvent   = "sse-reset"
+	maxBatch            = 256 // events written to a client before one flush
+	maxBackoff          = 30 * time.Second
+)
+
+// Fanout shares one upstream stream among all clients with the same key,
+// and answers Last-Event-ID reconnects from a replay cache, so that even a
+// backend that knows nothing of Last-Event-ID gets loss-free resume.
+type Fanout struct {
+	// Key decides which requests share one upstream stream; Caddy
+	// placeholders are expanded per request. By default the key is the
+	// host, path and query plus a hash of the Authorization and Cookie
+	// headers, so users with different credentials never share a stream.
+	// A key you set replaces all of that: everyone whose requests give the
+	// same key shares one stream, whatever their credentials.
+	Key string `json:"key,omitempty"`
+
+	// BufferEvents bounds the replay cache by count. Default: 1000.
+	BufferEvents int `json:"buffer_events,omitempty"`
+
+	// BufferBytes bounds the replay cache by size. Default: 8 MiB.
+	BufferBytes int `json:"buffer_bytes,omitempty"`
+
+	// BufferAge bounds the replay cache by age. Default: no age bound.
+	BufferAge caddy.Duration `json:"buffer_age,omitempty"`
+
+	// Linger keeps the upstream open this long after the last client left,
+	// so that reconnects and reloads find it (and its cache) still there.
+	// Default: 30s. 0 closes it at once.
+	Linger *caddy.Duration `json:"linger,omitempty"`
+
+	// IDs says which event ids clients see. "auto" (default): the
+	// backend's ids where it sends them, otherwise ids the plugin assigns,
+	// so that browsers send them back on reconnect. "upstream": only the
+	// backend's. "synthesize": always the plugin's own.
+	IDs string `json:"ids,omitempty"`
+
+	// ReplayOnConnect is how many cached events a new client (one without
+	// Last-Event-ID) is sent before the live stream. Default: 0.
+	ReplayOnConnect int `json:"replay_on_connect,omitempty"`
+
+	// OnUnknownID says what happens when a client's Last-Event-ID is not
+	// in the cache (unknown, or evicted). "reset" (default): the client
+	// joins the live stream and is first sent an event of type ResetEvent,
+	// whose data is the id it asked for, so that a page can refetch its
+	// state (EventSource cannot read response headers). "backend": the
+	// request goes to the backend by itself, with its Last-Event-ID, for
+	// backends that can resume. Never "resend everything".
+	OnUnknownID string `json:"on_unknown_id,omitempty"`
+
+	// ResetEvent is the event type of the reset event. Default: sse-reset.
+	ResetEvent string `json:"reset_event,omitempty"`
+
+	// ClientQueue is how many events a client may fall behind the live
+	// stream before it is disconnected (it reconnects and catches up from
+	// the cache), so one slow reader never holds back the others.
+	// Default: 256.
+	ClientQueue int `json:"client_queue,omitempty"`
+
+	// MaxClients limits the clients of one key; MaxClientsTotal those of
+	// this handler. Past a limit a client gets 503 with Retry-After.
+	// Default: 0, no limit.
+	MaxClients      int `json:"max_clients,omitempty"`
+	MaxClientsTotal int `json:"max_clients_total,omitempty"`
+
+	linger     time.Duration
+	poolPrefix string       // the hub settings, which are part of every pool key
+	clients    atomic.Int64 // connected clients of this handler
+	mu         sync.Mutex
+	runs       map[*hub]struct{} // hubs this handler is a source of
+}
+
+func (f *Fanout) provision() {
+	if f.BufferEvents == 0 {
+		f.BufferEvents = defaultBufferEvents
+	}
+	if f.BufferBytes == 0 {
+		f.BufferBytes = defaultBufferBytes
+	}
+	f.linger = defaultLinger
+	if f.Linger != nil {
+		f.linger = time.Duration(*f.Linger)
+	}
+	if f.IDs == "" {
+		f.IDs = "auto"
+	}
+	if f.OnUnknownID == "" {
+		f.OnUnknownID = "reset"
+	}
+	if f.ResetEvent == "" {
+		f.ResetEvent = defaultResetEvent
+	}
+	if f.ClientQueue == 0 {
+		f.ClientQueue = defaultClientQueue
+	}
+	f.runs = make(map[*hub]struct{})
+}
+
+func (f *Fanout) validate() error {
+	switch {
+	case f.BufferEvents < 0:
+		return fmt.Errorf("fanout: buffer_events: %d is negative", f.BufferEvents)
+	case f.BufferBytes < 0:
+		return fmt.Errorf("fanout: buffer_bytes: %d is negative", f.BufferBytes)
+	case f.BufferAge < 0:
+		return fmt.Errorf("fanout: buffer_age: %s is negative", time.Duration(f.BufferAge))
+	case f.Linger != nil && *f.Linger < 0:
+		return fmt.Errorf("fanout: linger: %s is negative", time.Duration(*f.Linger))
+	case f.IDs != "" && f.IDs != "auto" && f.IDs != "upstream" && f.IDs != "synthesize":
+		return fmt.Errorf("fanout: ids: %q is not one of auto, upstream, synthesize", f.IDs)
+	case f.ReplayOnConnect < 0:
+		return fmt.Errorf("fanout: replay_on_connect: %d is negative", f.ReplayOnConnect)
+	case f.OnUnknownID != "" && f.OnUnknownID != "reset" && f.OnUnknownID != "backend":
+		return fmt.Errorf("fanout: on_unknown_id: %q is not one of reset, backend", f.OnUnknownID)
+	case f.ClientQueue < 0:
+		return fmt.Errorf("fanout: client_queue: %d is negative", f.ClientQueue)
+	case f.MaxClients < 0 || f.MaxClientsTotal < 0:
+		return errors.New("fanout: max_clients: negative")
+	}
+	return nil
+}
+
+// fanoutKey is the stream key of a request (see Fanout.Key).
+func (h *Handler) fanoutKey(r *http.Request) string {
+	if h.Fanout.Key != "" {
+		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+		if repl != nil {
+			return repl.ReplaceAll(h.Fanout.Key, "")
+		}
+		return h.Fanout.Key
+	}
+	sum := sha256.Sum256([]byte(r.Header.Get("Authorization") + "\x00" + r.Header.Get("Cookie")))
+	return r.Host + r.URL.RequestURI() + "\x00" + hex.EncodeToString(sum[:16])
+}
+
+// hubConfig is what a hub needs of its handler's configuration. Handlers
+// share a hub only when they agree on it (it is part of the pool key).
+type hubConfig struct {
+	limits       replayLimits
+	ids          string
+	maxEventSize int
+	heartbeat    time.Duration
+}
+
+func (h *Handler) hubConfig() hubConfig {
+	return hubConfig{
+		limits:       replayLimits{events: h.Fanout.BufferEvents, bytes: h.Fanout.BufferBytes, age: time.Duration(h.Fanout.BufferAge)},
+		ids:          h.Fanout.IDs,
+		maxEventSize: h.MaxEventSize,
+		heartbeat:    h.heartbeatEvery,
+	}
+}
+
+// errTooManyClients answers a client past a max_clients limit.
+var errTooManyClients = errors.New("sse: too many clients for this stream")
+
+// serveFanout serves one client from the hub of its key.
+func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	f := h.Fanout
+	if n := f.clients.Add(1); f.MaxClientsTotal > 0 && n > int64(f.MaxClientsTotal) {
+		f.clients.Add(-1)
+		return h.refuse(w, "max_clients_total")
+	}
+	c := &fanoutClient{h: h, queue: uint64(f.ClientQueue)}
+	// Whoever ends the stream releases the client: this request, or the
+	// hub's delivery loop once the connection is handed to it (detach.go).
+	defer func() {
+		if !c.detached {
+			c.release()
+		}
+	}()
+
+	key := h.fanoutKey(r)
+	cfg := h.hubConfig()
+	poolKey := f.poolPrefix + key
+	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
+		return newHub(poolKey, h.hashKey(key), cfg, h.logger), nil
+	})
+	if err != nil {
+		return err
+	}
+	hb := v.(*hub)
+	c.hub = hb
+
+	joinedAt, ok := hb.join(h, r, next)
+	if !ok {
+		return h.refuse(w, "max_clients")
+	}
+	c.joined = true
+
+	header, status, ok := hb.waitStream(r.Context())
+	if !ok {
+		if r.Context().Err() != nil {
+			return nil // the client left while the upstream connected
+		}
+		// The backend did not answer with a stream: let this client's own
+		// request get the backend's answer.
+		c.leave()
+		return h.servePassthrough(w, r, next)
+	}
+	lastID := r.Header.Get("Last-Event-ID")
+	cursor, behind, reset, found := hb.position(lastID, f.ReplayOnConnect, joinedAt)
+	switch {
+	case found:
+		h.metrics.replayServed(int(behind))
+	case lastID != "":
+		h.metrics.replayMissed()
+	}
+	if lastID != "" && !found && f.OnUnknownID == "backend" {
+		c.leave()
+		return h.servePassthrough(w, r, next)
+	}
+	c.cursor = cursor
+
+	copyStreamHeader(w.Header(), header)
+	prepareStreamHeader(w.Header(), r.ProtoMajor)
+	encoding := h.negotiateStream(w.Header(), clientAcceptEncoding(r))
+	c.encoding = cmp.Or(encoding, encIdentity)
+	c.sub = &subscriber{ended: make(chan struct{}), poke: c.poke}
+	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
+	if !h.streams.add(c.sub, srv) {
+		c.sub = nil
+		return caddyhttp.Error(http.StatusServiceUnavailable, errStreamEnded) // shutting down
+	}
+	// A compressed client writes what the hub's shared compressor encoded
+	// once for all clients (compress.go); it holds no compressor itself.
+	c.z = hb.attachShared(encoding)
+	first := h.preludeFor(encoding)
+	if reset {
+		first = append(append([]byte(nil), first...), resetEvent(f.ResetEvent, lastID)...)
+		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")
+	}
+	liftServerTimeouts(r.Context())
+	if c.detach(w, r, status, first) {
+		return nil
+	}
+	if !c.headerSent {
+		w.WriteHeader(status)
+	}
+	c.out = newClientConn(wireCounter{ResponseWriter: belowIdleTimeout(r.Context(), w), n: &c.wire}, time.Duration(h.WriteTimeout))
+	err = c.run(r.Context(), first)
+	c.endEncoding()
+	return err
+}
+
+// refuse answers a client past a limit: 503 with Retry-After.
+func (h *Handler) refuse(w http.ResponseWriter, limit string) error {
+	h.logger.Warn("refusing a client: fan-out limit reached", zap.String("limit", limit))
+	h.metrics.clientRefused(limit)
+	retry := max(time.Duration(h.Retry), time.Second)
+	w.Header().Set("Retry-After", strconv.Itoa(int((retry+time.Second-1)/time.Second)))
+	return caddyhttp.Error(http.StatusServiceUnavailable, errTooManyClients)
+}
+
+// release drops this client's reference to the hub after linger, so that
+// the hub, its upstream and its cache outlive a reconnect or a reload.
+func (h *Handler) release(hb *hub) {
+	if h.Fanout.linger <= 0 {
+		hubs.Delete(hb.poolKey)
+		return
+	}
+	time.AfterFunc(h.Fanout.linger, func() { hubs.Delete(hb.poolKey) })
+}
+
+// resetEvent tells a page that the events after lastID are lost.
+func resetEvent(typ, lastID string) []byte {
+	return []byte("event: " + typ + "\ndata: " + lastID + "\n\n")
+}
+
+// hopHeaders are not copied from the upstream's response to clients.
+var hopHeaders = []string{"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Te", "Trailer", "Transfer-Encoding", "Upgrade", "Content-Length", "Set-Cookie"}
+
+func copyStreamHeader(dst, src http.Header) {
+	for k, v := range src {
+		dst[k] = append([]string(nil), v...)
+	}
+	for _, k := range hopHeaders {
+		dst.Del(k)
+	}
+}
+
+// cleanupFanout runs at the handler's Cleanup.
+func (h *Handler) cleanupFanout() {
+	h.Fanout.mu.Lock()
+	runs := h.Fanout.runs
+	h.Fanout.runs = make(map[*hub]struct{})
+	h.Fanout.mu.Unlock()
+	for hb := range runs {
+		hb.dropSource(h)
+	}
+}
