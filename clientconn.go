@@ -3,7 +3,9 @@ package caddysse
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -118,4 +120,14 @@ func (c *clientConn) writeFlush(now time.Time, p []byte) error {
 		return err
 	}
 	return c.flush()
+}
+
+// isWriteTimeout reports whether a failed write failed for want of the
+// client reading within the write timeout: the connection reports a
+// timeout (HTTP/1, a handed-over connection), or the write failed once
+// its deadline had passed (HTTP/2 resets the stream instead).
+func (c *clientConn) isWriteTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) ||
+		(c.timeout > 0 && !c.deadline.IsZero() && !time.Now().Before(c.deadline))
 }

@@ -70,20 +70,16 @@ import (
 	"github.com/klauspost/compress/zstd"
 )
 
-// The encodings the plugin can compress a stream with, and "off".
-const (
-	encodingZstd = "zstd"
-	encodingGzip = "gzip"
-	compressOff  = "off"
-)
+// compressOff is the compress value that disables compression.
+const compressOff = "off"
 
 // defaultCompress is the preference order when compress is not configured.
-var defaultCompress = []string{encodingZstd, encodingGzip}
+var defaultCompress = []string{"zstd", "gzip"}
 
 // compression is the provisioned compression setup of a handler.
 type compression struct {
-	prefs    []string          // encodings in preference order; empty: off
-	preludes map[string][]byte // per encoding: the prelude, padding sized for the wire
+	prefs    []string           // names of the codings in preference order; empty: off
+	preludes [numCodings][]byte // per coding: the prelude, padding sized for the wire
 }
 
 // compressionPrefs checks a configured compress list and returns the
@@ -97,11 +93,11 @@ func compressionPrefs(list []string) ([]string, error) {
 	}
 	seen := make(map[string]bool, len(list))
 	for _, name := range list {
-		switch name {
-		case encodingZstd, encodingGzip:
-		case compressOff:
+		switch c, _ := parseCoding(name); {
+		case c == codingGzip || c == codingZstd:
+		case name == compressOff:
 			return nil, errors.New("compress: off cannot be combined with encodings")
-		case "br":
+		case name == "br":
 			return nil, errors.New("compress: encoding 'br' is not supported by this plugin (no brotli encoder in the build); use zstd and gzip")
 		default:
 			return nil, fmt.Errorf("compress: unknown encoding '%s' (supported: zstd, gzip, or off)", name)
@@ -125,31 +121,30 @@ func (h *Handler) provisionCompression() error {
 	if len(prefs) == 0 {
 		return nil
 	}
-	h.comp.preludes = make(map[string][]byte, len(prefs))
 	for _, name := range prefs {
-		p, err := compressedPrelude(name, h.padding(), h.retryHint)
+		c, _ := parseCoding(name)
+		p, err := compressedPrelude(c, h.padding(), h.retryHint)
 		if err != nil {
 			return fmt.Errorf("compress: %s: %v", name, err)
 		}
-		h.comp.preludes[name] = p
+		h.comp.preludes[c] = p
 	}
 	return nil
 }
 
-// preludeFor is the prelude of a stream sent with this encoding ("" for none).
-func (h *Handler) preludeFor(encoding string) []byte {
-	if p, ok := h.comp.preludes[encoding]; ok {
+// preludeFor is the prelude of a stream sent with this coding.
+func (h *Handler) preludeFor(c coding) []byte {
+	if p := h.comp.preludes[c]; p != nil {
 		return p
 	}
 	return h.prelude
 }
 
 // negotiateStream chooses the encoding of a stream from the client's
-// Accept-Encoding and sets the response header for it. It returns the
-// encoding, or "" to send the stream uncompressed.
-func (h *Handler) negotiateStream(hdr http.Header, acceptEncoding string) string {
+// Accept-Encoding and sets the response header for it.
+func (h *Handler) negotiateStream(hdr http.Header, acceptEncoding string) coding {
 	if len(h.comp.prefs) == 0 {
-		return ""
+		return codingIdentity
 	}
 	// The response depends on Accept-Encoding whatever was chosen.
 	if !headerHasToken(hdr.Values("Vary"), "Accept-Encoding") && !headerHasToken(hdr.Values("Vary"), "*") {
@@ -157,7 +152,7 @@ func (h *Handler) negotiateStream(hdr http.Header, acceptEncoding string) string
 	}
 	name := negotiateEncoding(acceptEncoding, h.comp.prefs)
 	if name == "" {
-		return ""
+		return codingIdentity
 	}
 	hdr.Set("Content-Encoding", name)
 	hdr.Del("Accept-Ranges")
@@ -166,7 +161,8 @@ func (h *Handler) negotiateStream(hdr http.Header, acceptEncoding string) string
 	if etag := hdr.Get("Etag"); etag != "" && !strings.HasPrefix(etag, "W/") {
 		hdr.Set("Etag", "W/"+etag)
 	}
-	return name
+	c, _ := parseCoding(name)
+	return c
 }
 
 // acceptEncodingKey is the request context key of the client's
@@ -238,7 +234,7 @@ func negotiateEncoding(acceptEncoding string, prefs []string) string {
 			continue
 		}
 		if coding == "x-gzip" {
-			coding = encodingGzip
+			coding = "gzip"
 		}
 		switch coding {
 		case "*":
@@ -310,19 +306,19 @@ type encoder interface {
 // liveEncoders counts encoders not yet released (tests check it for leaks).
 var liveEncoders atomic.Int64
 
-// newEncoder returns an encoder for a negotiated encoding name, writing
+// newEncoder returns an encoder for a negotiated coding, writing
 // compressed bytes to w.
-func newEncoder(name string, w io.Writer) (encoder, error) {
+func newEncoder(c coding, w io.Writer) (encoder, error) {
 	var e encoder
-	switch name {
-	case encodingGzip:
+	switch c {
+	case codingGzip:
 		e = &gzipEncoder{w: w}
-	case encodingZstd:
+	case codingZstd:
 		z := zstdPool.Get().(*zstd.Encoder)
 		z.Reset(w)
 		e = &zstdEncoder{z: z}
 	default:
-		return nil, fmt.Errorf("no encoder for %q", name)
+		return nil, fmt.Errorf("no encoder for %s", c)
 	}
 	liveEncoders.Add(1)
 	return e, nil
@@ -333,7 +329,7 @@ func newEncoder(name string, w io.Writer) (encoder, error) {
 // stream's end finishes and releases it.
 
 // compress makes the connection compress everything it writes from now on.
-func (c *clientConn) compress(name string) error {
+func (c *clientConn) compress(name coding) error {
 	enc, err := newEncoder(name, c.w)
 	if err != nil {
 		return err
@@ -513,7 +509,7 @@ func noisePaddingBlock(n int) []byte {
 // encoding: a noise padding block, sized so that the compressed prelude
 // (with the encoding's header and the retry field) is at least padding
 // bytes on the wire, then the retry field.
-func compressedPrelude(name string, padding int, retry []byte) ([]byte, error) {
+func compressedPrelude(name coding, padding int, retry []byte) ([]byte, error) {
 	if padding <= 0 {
 		return retry, nil
 	}
@@ -534,7 +530,7 @@ func compressedPrelude(name string, padding int, retry []byte) ([]byte, error) {
 }
 
 // compressedSize is how many bytes a fresh encoder writes for p and a flush.
-func compressedSize(name string, p []byte) (int, error) {
+func compressedSize(name coding, p []byte) (int, error) {
 	var cw countingWriter
 	enc, err := newEncoder(name, &cw)
 	if err != nil {

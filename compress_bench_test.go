@@ -276,7 +276,7 @@ func BenchmarkEventCPU(b *testing.B) {
 			c := newClientConn(w, 0)
 			switch name {
 			case "gzip", "zstd":
-				if err := c.compress(name); err != nil {
+				if err := c.compress(mustCoding(name)); err != nil {
 					b.Fatal(err)
 				}
 				defer c.endEncoding(false)

@@ -71,34 +71,16 @@ import (
 // 0.317 with a restart every 64 events, 0.330 every 32, 0.409 every 8;
 // zstd 0.316, 0.326, 0.340, 0.417.)
 
-// Indices of the encodings a hub compresses once for all its clients.
-const (
-	zGzip = iota
-	zZstd
-	numZ
-)
-
 // Restart points of a shared compressor; see above.
 const (
 	minEpoch = 8  // events in an epoch before it restarts for a waiting client
 	maxEpoch = 64 // events in an epoch after which a waiting client gets a restart
 )
 
-// zIndex is the shared compressor index of an encoding, or -1.
-func zIndex(name string) int {
-	switch name {
-	case encodingGzip:
-		return zGzip
-	case encodingZstd:
-		return zZstd
-	}
-	return -1
-}
-
 // eventZ is an event as the hub's shared compressors encoded it.
 type eventZ struct {
-	b     [numZ][]byte // nil: the encoding had no client when the event came
-	start [numZ]bool   // these bytes begin an epoch
+	b     [numCodings][]byte // nil: the encoding had no client when the event came
+	start [numCodings]bool   // these bytes begin an epoch
 }
 
 // sharedCompressions counts events compressed by shared compressors (for
@@ -122,7 +104,7 @@ var zstdSharedPool = sync.Pool{New: func() any {
 // sharedCompressor is one hub's compressor for one encoding. All of it is
 // guarded by the hub's lock.
 type sharedCompressor struct {
-	enc     int
+	enc     coding
 	clients int // clients of the hub that use this encoding
 	waiting int // of those, the ones out of sync (writing their own bytes)
 	waitAcc int // waiting, summed over the events of this epoch
@@ -151,7 +133,7 @@ func (s *sharedCompressor) compress(p []byte) ([]byte, bool, error) {
 	start := s.restartDue()
 	s.out.Reset()
 	switch s.enc {
-	case zGzip:
+	case codingGzip:
 		if start {
 			s.dict = s.dict[:0]
 		}
@@ -166,7 +148,7 @@ func (s *sharedCompressor) compress(p []byte) ([]byte, bool, error) {
 			}
 			s.dict = append(s.dict, p...)
 		}
-	case zZstd:
+	case codingZstd:
 		if s.z == nil {
 			s.z = zstdSharedPool.Get().(*zstd.Encoder)
 			liveSharedEncoders.Add(1)
@@ -218,7 +200,7 @@ func (hb *hub) compressShared(data []byte) *eventZ {
 		if err != nil {
 			// Not expected (the output is memory): clients write this event
 			// as their own, and the next one starts an epoch.
-			hb.logger.Error("shared compressor failed", zap.String("encoding", encodingName(i)), zap.Error(err))
+			hb.logger.Error("shared compressor failed", zap.Stringer("encoding", coding(i)), zap.Error(err))
 			s.idle()
 			continue
 		}
@@ -238,17 +220,10 @@ func (hb *hub) idleShared() {
 	}
 }
 
-func encodingName(i int) string {
-	if i == zZstd {
-		return encodingZstd
-	}
-	return encodingGzip
-}
-
 // sharedWriter writes one fan-out client's compressed stream: the shared
 // bytes of events while in sync, its own stored or raw blocks otherwise.
 type sharedWriter struct {
-	enc     int
+	enc     coding
 	synced  bool   // the last bytes written were an event's shared bytes
 	waiting bool   // counted in the hub's waiting (under the hub's lock)
 	frame   bool   // zstd: a frame is open
@@ -259,17 +234,16 @@ type sharedWriter struct {
 	hdr     [8]byte
 }
 
-// attachShared registers a client of encoding name with the hub, and
-// returns its writer (nil for an encoding the hub does not share).
-func (hb *hub) attachShared(name string) *sharedWriter {
-	i := zIndex(name)
-	if i < 0 {
+// attachShared registers a client of coding c with the hub, and returns
+// its writer (nil for identity, which needs none).
+func (hb *hub) attachShared(c coding) *sharedWriter {
+	if c == codingIdentity {
 		return nil
 	}
 	hb.mu.Lock()
-	hb.zc[i].clients++
+	hb.zc[c].clients++
 	hb.mu.Unlock()
-	return &sharedWriter{enc: i}
+	return &sharedWriter{enc: c}
 }
 
 // detachShared unregisters a client's writer.
@@ -327,7 +301,7 @@ var (
 // sync with them, otherwise as its own bytes.
 func (w *sharedWriter) event(out *clientConn, now time.Time, ev *event) error {
 	if z := ev.z; z != nil && z.b[w.enc] != nil && (w.synced || z.start[w.enc]) {
-		if w.enc == zZstd && z.start[w.enc] && w.frame {
+		if w.enc == codingZstd && z.start[w.enc] && w.frame {
 			if err := out.write(now, zstdFrameEnd); err != nil {
 				return err
 			}
@@ -355,7 +329,7 @@ func (w *sharedWriter) own(out *clientConn, now time.Time, p []byte) error {
 	}
 	w.synced = false
 	w.sum(p)
-	if w.enc == zZstd && !w.frame {
+	if w.enc == codingZstd && !w.frame {
 		if err := out.write(now, zstdOwnFrame); err != nil {
 			return err
 		}
@@ -364,7 +338,7 @@ func (w *sharedWriter) own(out *clientConn, now time.Time, p []byte) error {
 	for len(p) > 0 {
 		var h []byte
 		var n int
-		if w.enc == zGzip {
+		if w.enc == codingGzip {
 			n = min(len(p), gzipStoredMax)
 			w.hdr = [8]byte{0, byte(n), byte(n >> 8), ^byte(n), ^byte(n >> 8)}
 			h = w.hdr[:5]
@@ -382,7 +356,7 @@ func (w *sharedWriter) own(out *clientConn, now time.Time, p []byte) error {
 		}
 		p = p[n:]
 	}
-	w.marker = w.enc == zGzip
+	w.marker = w.enc == codingGzip
 	return nil
 }
 
@@ -402,7 +376,7 @@ func (w *sharedWriter) flush(out *clientConn, now time.Time) error {
 
 // header writes the gzip header once.
 func (w *sharedWriter) header(out *clientConn, now time.Time) error {
-	if w.enc != zGzip || w.started {
+	if w.enc != codingGzip || w.started {
 		return nil
 	}
 	w.started = true
@@ -410,7 +384,7 @@ func (w *sharedWriter) header(out *clientConn, now time.Time) error {
 }
 
 func (w *sharedWriter) sum(p []byte) {
-	if w.enc == zGzip {
+	if w.enc == codingGzip {
 		w.crc = crc32.Update(w.crc, crc32.IEEETable, p)
 		w.size += uint32(len(p))
 	}
@@ -421,7 +395,7 @@ func (w *sharedWriter) sum(p []byte) {
 func (w *sharedWriter) end(out *clientConn) error {
 	now := time.Now()
 	switch w.enc {
-	case zGzip:
+	case codingGzip:
 		if err := w.header(out, now); err != nil {
 			return err
 		}
@@ -435,7 +409,7 @@ func (w *sharedWriter) end(out *clientConn) error {
 		if err := out.write(now, w.hdr[:8]); err != nil {
 			return err
 		}
-	case zZstd:
+	case codingZstd:
 		if !w.frame { // nothing sent: still one valid, empty frame
 			if err := out.write(now, zstdOwnFrame); err != nil {
 				return err

@@ -32,18 +32,18 @@ func newBenchHub(tb testing.TB, n int, enc string, perClient bool) *benchHub {
 	hb := newHub("bench", "bench", hubConfig{limits: replayLimits{events: 1000}, ids: "auto", maxEventSize: 1 << 20}, h.logger)
 	bh := &benchHub{hb: hb, w: &hubWriter{hub: hb, header: http.Header{"Content-Type": {"text/event-stream"}}}}
 	for range n {
-		c := &fanoutClient{hub: hb, h: h, queue: 1 << 20, encoding: cmp.Or(enc, encIdentity)}
+		c := &fanoutClient{hub: hb, pol: unboundedPolicy(h), encoding: mustCoding(cmp.Or(enc, "identity"))}
 		c.out = newClientConn(wireCounter{ResponseWriter: &nullResponse{h: http.Header{}}, n: &c.wire}, 0)
 		switch {
 		case enc == "":
 		case perClient:
-			if err := c.out.compress(enc); err != nil {
+			if err := c.out.compress(mustCoding(enc)); err != nil {
 				tb.Fatal(err)
 			}
 		default:
-			c.z = hb.attachShared(enc)
+			c.z = hb.attachShared(mustCoding(enc))
 		}
-		if err := c.writeOwn(time.Now(), h.preludeFor(enc)); err != nil {
+		if err := c.writeOwn(time.Now(), h.preludeFor(mustCoding(cmp.Or(enc, "identity")))); err != nil {
 			tb.Fatal(err)
 		}
 		bh.clients = append(bh.clients, c)

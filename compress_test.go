@@ -20,6 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
+
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/klauspost/compress/zstd"
@@ -246,12 +248,12 @@ func wantPrelude(t testing.TB, enc string, padding int, retry time.Duration) str
 	t.Helper()
 	var hint []byte
 	if retry > 0 {
-		hint = retryField(retry)
+		hint = sse.RetryField(retry)
 	}
 	if enc == "" {
-		return string(append(paddingBlock(padding), hint...))
+		return string(append(sse.PaddingBlock(padding), hint...))
 	}
-	p, err := compressedPrelude(enc, padding, hint)
+	p, err := compressedPrelude(mustCoding(enc), padding, hint)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -370,7 +372,7 @@ func TestCompressedPaddingKeepsItsSizeOnTheWire(t *testing.T) {
 				if !strings.HasPrefix(want, ":") || strings.Count(want, "\n") != 1 || !strings.HasSuffix(want, "\n") {
 					t.Fatalf("padding is not one comment line: %q", tail(want))
 				}
-				if spaces, _ := compressedSize(enc, paddingBlock(padding)); spaces >= padding/4 {
+				if spaces, _ := compressedSize(mustCoding(enc), sse.PaddingBlock(padding)); spaces >= padding/4 {
 					t.Logf("note: %d spaces compress to %d bytes", padding, spaces)
 				}
 			})
@@ -399,7 +401,7 @@ func TestCompressionOffAndIdentity(t *testing.T) {
 			if got := c.Resp.Header.Get("Vary") == "Accept-Encoding"; got != tc.vary {
 				t.Errorf("Vary %q", c.Resp.Header.Values("Vary"))
 			}
-			want := string(paddingBlock(16)) + "data: plain\n\n"
+			want := string(sse.PaddingBlock(16)) + "data: plain\n\n"
 			b.send(t, "data: plain\n\n")
 			c.waitPlain(t, want)
 			if _, raw := c.state(); raw != len(want) {
@@ -680,7 +682,7 @@ func TestEncoderErrorEndsTheConnection(t *testing.T) {
 			before := liveEncoders.Load()
 			w := &failingWriter{header: http.Header{}, limit: 100}
 			c := newClientConn(w, time.Second)
-			if err := c.compress(enc); err != nil {
+			if err := c.compress(mustCoding(enc)); err != nil {
 				t.Fatal(err)
 			}
 			now := time.Now()
@@ -716,7 +718,7 @@ func TestClientConnBacklogOneSyncFlush(t *testing.T) {
 			var wire bytes.Buffer
 			w := &recordingWriter{header: http.Header{}, buf: &wire}
 			c := newClientConn(w, 0)
-			if err := c.compress(enc); err != nil {
+			if err := c.compress(mustCoding(enc)); err != nil {
 				t.Fatal(err)
 			}
 			var want bytes.Buffer

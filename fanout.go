@@ -1,16 +1,16 @@
 package caddysse
 
 import (
-	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -87,12 +87,57 @@ type Fanout struct {
 	// Default: 0, no limit.
 	MaxClients      int `json:"max_clients,omitempty"`
 	MaxClientsTotal int `json:"max_clients_total,omitempty"`
+}
 
-	linger     time.Duration
+// fanoutRuntime is a handler's fan-out state at run time, kept out of the
+// JSON config. A hub knows the handlers that can run its upstream by it
+// (hub.sources), never by the Handler itself.
+type fanoutRuntime struct {
+	policy     *clientPolicy
 	poolPrefix string       // the hub settings, which are part of every pool key
 	clients    atomic.Int64 // connected clients of this handler
-	mu         sync.Mutex
-	runs       map[*hub]struct{} // hubs this handler is a source of
+}
+
+// clientPolicy is what a fan-out client needs of its handler's
+// configuration, handed to it when admitted: the client holds no Handler.
+type clientPolicy struct {
+	logger         *zap.Logger
+	metrics        *sseMetrics
+	streams        *streamSet    // the handler's live streams, ended at shutdown
+	clients        *atomic.Int64 // the handler's client count, for max_clients_total
+	queue          uint64        // client_queue
+	heartbeatBytes []byte
+	retry          time.Duration // the configured retry, 0 for none
+	retryHint      []byte
+	maxAge         time.Duration
+	writeTimeout   time.Duration
+	linger         time.Duration
+}
+
+// newClientPolicy is the policy of this handler's fan-out clients; it runs
+// in Provision. Without fanout (benchmarks build clients that way), the
+// defaults apply.
+func (h *Handler) newClientPolicy(clients *atomic.Int64) *clientPolicy {
+	p := &clientPolicy{
+		logger:         h.logger,
+		metrics:        h.metrics,
+		streams:        h.streams,
+		clients:        clients,
+		queue:          defaultClientQueue,
+		heartbeatBytes: h.heartbeatBytes,
+		retry:          time.Duration(h.Retry),
+		retryHint:      h.retryHint,
+		maxAge:         time.Duration(h.MaxAge),
+		writeTimeout:   time.Duration(h.WriteTimeout),
+	}
+	if f := h.Fanout; f != nil {
+		p.queue = uint64(f.ClientQueue)
+		p.linger = defaultLinger
+		if f.Linger != nil {
+			p.linger = time.Duration(*f.Linger)
+		}
+	}
+	return p
 }
 
 func (f *Fanout) provision() {
@@ -101,10 +146,6 @@ func (f *Fanout) provision() {
 	}
 	if f.BufferBytes == 0 {
 		f.BufferBytes = defaultBufferBytes
-	}
-	f.linger = defaultLinger
-	if f.Linger != nil {
-		f.linger = time.Duration(*f.Linger)
 	}
 	if f.IDs == "" {
 		f.IDs = "auto"
@@ -118,7 +159,6 @@ func (f *Fanout) provision() {
 	if f.ClientQueue == 0 {
 		f.ClientQueue = defaultClientQueue
 	}
-	f.runs = make(map[*hub]struct{})
 }
 
 func (f *Fanout) validate() error {
@@ -181,12 +221,12 @@ var errTooManyClients = errors.New("sse: too many clients for this stream")
 
 // serveFanout serves one client from the hub of its key.
 func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	f := h.Fanout
-	if n := f.clients.Add(1); f.MaxClientsTotal > 0 && n > int64(f.MaxClientsTotal) {
-		f.clients.Add(-1)
+	f, run := h.Fanout, h.fan
+	if n := run.clients.Add(1); f.MaxClientsTotal > 0 && n > int64(f.MaxClientsTotal) {
+		run.clients.Add(-1)
 		return h.refuse(w, "max_clients_total")
 	}
-	c := &fanoutClient{h: h, queue: uint64(f.ClientQueue)}
+	c := &fanoutClient{pol: run.policy}
 	// Whoever ends the stream releases the client: this request, or the
 	// hub's delivery loop once the connection is handed to it (detach.go).
 	defer func() {
@@ -197,7 +237,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 
 	key := h.fanoutKey(r)
 	cfg := h.hubConfig()
-	poolKey := f.poolPrefix + key
+	poolKey := run.poolPrefix + key
 	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
 		return newHub(poolKey, h.hashKey(key), cfg, h.logger), nil
 	})
@@ -207,7 +247,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	hb := v.(*hub)
 	c.hub = hb
 
-	joinedAt, ok := hb.join(h, r, next)
+	joinedAt, ok := hb.join(run, f.MaxClients, r, next)
 	if !ok {
 		return h.refuse(w, "max_clients")
 	}
@@ -240,7 +280,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	copyStreamHeader(w.Header(), header)
 	prepareStreamHeader(w.Header(), r.ProtoMajor)
 	encoding := h.negotiateStream(w.Header(), clientAcceptEncoding(r))
-	c.encoding = cmp.Or(encoding, encIdentity)
+	c.encoding = encoding
 	c.sub = &subscriber{ended: make(chan struct{}), poke: c.poke}
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	if !h.streams.add(c.sub, srv) {
@@ -252,7 +292,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	c.z = hb.attachShared(encoding)
 	first := h.preludeFor(encoding)
 	if reset {
-		first = append(append([]byte(nil), first...), resetEvent(f.ResetEvent, lastID)...)
+		first = append(append([]byte(nil), first...), sse.ResetEvent(f.ResetEvent, lastID)...)
 		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")
 	}
 	liftServerTimeouts(r.Context())
@@ -277,19 +317,14 @@ func (h *Handler) refuse(w http.ResponseWriter, limit string) error {
 	return caddyhttp.Error(http.StatusServiceUnavailable, errTooManyClients)
 }
 
-// release drops this client's reference to the hub after linger, so that
+// release drops a client's reference to the hub after linger, so that
 // the hub, its upstream and its cache outlive a reconnect or a reload.
-func (h *Handler) release(hb *hub) {
-	if h.Fanout.linger <= 0 {
+func (p *clientPolicy) release(hb *hub) {
+	if p.linger <= 0 {
 		hubs.Delete(hb.poolKey)
 		return
 	}
-	time.AfterFunc(h.Fanout.linger, func() { hubs.Delete(hb.poolKey) })
-}
-
-// resetEvent tells a page that the events after lastID are lost.
-func resetEvent(typ, lastID string) []byte {
-	return []byte("event: " + typ + "\ndata: " + lastID + "\n\n")
+	time.AfterFunc(p.linger, func() { hubs.Delete(hb.poolKey) })
 }
 
 // hopHeaders are not copied from the upstream's response to clients.
@@ -305,12 +340,15 @@ func copyStreamHeader(dst, src http.Header) {
 }
 
 // cleanupFanout runs at the handler's Cleanup.
+// Every hub this handler may be a source of is asked: the hubs are few,
+// and so no handler keeps a list that hubs would have to update.
 func (h *Handler) cleanupFanout() {
-	h.Fanout.mu.Lock()
-	runs := h.Fanout.runs
-	h.Fanout.runs = make(map[*hub]struct{})
-	h.Fanout.mu.Unlock()
-	for hb := range runs {
-		hb.dropSource(h)
+	var list []*hub
+	hubs.Range(func(_, v any) bool {
+		list = append(list, v.(*hub))
+		return true
+	})
+	for _, hb := range list { // not under the pool's lock
+		hb.dropSource(h.fan)
 	}
 }

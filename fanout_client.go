@@ -2,13 +2,12 @@ package caddysse
 
 import (
 	"context"
-	"errors"
 	"math/rand/v2"
-	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
 
 	"go.uber.org/zap"
 )
@@ -44,13 +43,15 @@ func (c *fanoutClient) release() {
 		c.hub.detachShared(c.z)
 	}
 	if c.sub != nil {
-		c.h.streams.remove(c.sub)
+		c.pol.streams.remove(c.sub)
 	}
 	c.leave()
 	if c.hub != nil {
-		c.h.release(c.hub)
+		c.pol.release(c.hub)
 	}
-	c.h.Fanout.clients.Add(-1)
+	if c.pol.clients != nil {
+		c.pol.clients.Add(-1)
+	}
 }
 
 // endEncoding finishes a compressed stream (gzip trailer, last zstd block)
@@ -67,14 +68,13 @@ func (c *fanoutClient) endEncoding() {
 // the hub's delivery loop (detach.go); both go through step.
 type fanoutClient struct {
 	hub        *hub
-	h          *Handler
+	pol        *clientPolicy // its handler's settings
 	out        clientConn
 	sub        *subscriber
 	cursor     uint64
-	queue      uint64
 	beats      uint64 // the hub's heartbeat count last answered
 	prevLag    uint64
-	encoding   string
+	encoding   coding
 	z          *sharedWriter // a compressed stream's writer; nil for identity
 	wire       int64         // bytes on the wire, after compression
 	counted    int64         // wire bytes already reported to the metrics
@@ -97,15 +97,14 @@ func (c *fanoutClient) poke() {
 
 // flushed reports a batch of raw bytes and the wire bytes they became.
 func (c *fanoutClient) flushed(raw int) {
-	c.h.metrics.bytesWritten(modeFanout, c.encoding, int(c.wire-c.counted), raw)
+	c.pol.metrics.bytesWritten(modeFanout, c.encoding, int(c.wire-c.counted), raw)
 	c.counted = c.wire
 }
 
 // writeFailed reports a client cut off by write_timeout, and returns err.
 func (c *fanoutClient) writeFailed(err error) error {
-	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded) {
-		c.h.metrics.slowClientCut(modeFanout)
+	if c.out.isWriteTimeout(err) {
+		c.pol.metrics.slowClientCut(modeFanout)
 		c.hub.logger.Warn("client did not take a write within write_timeout; disconnecting it")
 	}
 	return err
@@ -126,7 +125,7 @@ func (c *fanoutClient) start(first []byte) error {
 
 // maxAgeAfter is when a stream ends under max_age: 80-100% of it.
 func (c *fanoutClient) maxAgeAfter() time.Duration {
-	return time.Duration(float64(c.h.MaxAge) * (0.8 + 0.2*rand.Float64()))
+	return jitter(c.pol.maxAge)
 }
 
 // run serves the client on its request goroutine until its stream ends.
@@ -138,7 +137,7 @@ func (c *fanoutClient) run(ctx context.Context, first []byte) error {
 		batch  []*event
 		maxAge <-chan time.Time
 	)
-	if c.h.MaxAge > 0 {
+	if c.pol.maxAge > 0 {
 		t := time.NewTimer(c.maxAgeAfter())
 		defer t.Stop()
 		maxAge = t.C
@@ -179,7 +178,7 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 			hb.noteWaitingLocked(c.z, batch)
 		}
 		hb.mu.Unlock()
-		if !ok || (lag > c.queue && lag >= c.prevLag) {
+		if !ok || (lag > c.pol.queue && lag >= c.prevLag) {
 			clear(batch)
 			c.cutBehind(lag, !ok)
 			return nil, true, batch
@@ -200,11 +199,11 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 			continue
 		case nowBeats != c.beats:
 			c.beats = nowBeats
-			if err := c.writeOwn(now, c.h.heartbeatBytes); err != nil {
+			if err := c.writeOwn(now, c.pol.heartbeatBytes); err != nil {
 				_ = c.writeFailed(err)
 				return nil, true, batch
 			}
-			c.h.metrics.heartbeatsSent(modeFanout, 1)
+			c.pol.metrics.heartbeatsSent(modeFanout, 1)
 		case gone:
 			_ = c.finish(endBackend)
 			return nil, true, batch
@@ -217,7 +216,7 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 func (c *fanoutClient) cutBehind(lag uint64, evicted bool) {
 	c.hub.logger.Warn("client fell behind the stream; disconnecting it (it resumes from the cache)",
 		zap.Uint64("behind", lag), zap.Bool("evicted", evicted))
-	c.h.metrics.slowClientCut(modeFanout)
+	c.pol.metrics.slowClientCut(modeFanout)
 }
 
 // deliver writes a batch of events with one flush and moves the cursor.
@@ -239,7 +238,7 @@ func (c *fanoutClient) deliver(now time.Time, batch []*event) error {
 	if err := c.flush(now); err != nil {
 		return c.writeFailed(err)
 	}
-	c.h.metrics.eventsForwarded(modeFanout, len(batch))
+	c.pol.metrics.eventsForwarded(modeFanout, len(batch))
 	c.flushed(raw)
 	return nil
 }
@@ -280,10 +279,10 @@ func (c *fanoutClient) flush(now time.Time) error {
 // twice that, so that a reload's reconnects do not arrive all at once.
 func (c *fanoutClient) finish(reason endReason) error {
 	c.clean = true
-	hint := c.h.retryHint
+	hint := c.pol.retryHint
 	if reason == endShutdown {
-		base := max(time.Duration(c.h.Retry), time.Second)
-		hint = retryField(base + rand.N(base))
+		base := max(c.pol.retry, time.Second)
+		hint = sse.RetryField(base + rand.N(base))
 	}
 	if len(hint) > 0 {
 		if err := c.writeOwn(time.Now(), hint); err != nil {

@@ -509,3 +509,20 @@ func realisticEvents(n int) [][]byte {
 	}
 	return events
 }
+
+// mustCoding is the coding of a name the plugin writes.
+func mustCoding(name string) coding {
+	c, ok := parseCoding(name)
+	if !ok {
+		panic("no coding " + name)
+	}
+	return c
+}
+
+// unboundedPolicy is the client policy of h for benchmark clients that
+// are fed from the test itself: no queue bound to cut them.
+func unboundedPolicy(h *Handler) *clientPolicy {
+	p := h.newClientPolicy(nil)
+	p.queue = 1 << 20
+	return p
+}

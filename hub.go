@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
+
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -42,10 +44,10 @@ type hub struct {
 	streamedAt time.Time // when the current upstream connection began streaming
 	failed     bool      // the upstream answered with something that is not a stream
 	clients    int
-	sources    map[*Handler]*source // handlers whose clients can run the upstream
-	up         *upstream            // the newest upstream connection loop
-	old        *upstream            // the one it replaces, until the new one streams
-	liveGen    uint64               // the upstream whose events are published
+	sources    map[*fanoutRuntime]*source // handlers whose clients can run the upstream
+	up         *upstream                  // the newest upstream connection loop
+	old        *upstream                  // the one it replaces, until the new one streams
+	liveGen    uint64                     // the upstream whose events are published
 	gens       uint64
 	overlap    [][]byte // what the replaced upstream published while the new one connected
 	backendIDs bool     // the backend sends ids: resume it with Last-Event-ID
@@ -55,7 +57,7 @@ type hub struct {
 	epoch      string // prefix of synthesized ids, new at every discontinuity
 	heartbeat  *time.Timer
 	destroyed  bool
-	zc         [numZ]sharedCompressor // one per encoding clients use (compress.go)
+	zc         [numCodings]sharedCompressor // one per encoding clients use (compress.go)
 	dlOnce     sync.Once
 	dl         []*deliverer // delivery loops of detached clients (detach.go)
 }
@@ -68,12 +70,12 @@ func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger) *hub {
 		created: time.Now(),
 		buf:     newMemoryReplay(cfg.limits),
 		wake:    make(chan struct{}),
-		sources: make(map[*Handler]*source),
+		sources: make(map[*fanoutRuntime]*source),
 		epoch:   newEpoch(),
 	}
 	hb.logger = logger.With(zap.String("stream", hb.keyHash))
 	for i := range hb.zc {
-		hb.zc[i].enc = i
+		hb.zc[i].enc = coding(i)
 	}
 	return hb
 }
@@ -91,11 +93,6 @@ func (hb *hub) Destruct() error {
 	hb.destroyed = true
 	up, old := hb.up, hb.old
 	hb.up, hb.old = nil, nil
-	for h := range hb.sources {
-		h.Fanout.mu.Lock()
-		delete(h.Fanout.runs, hb)
-		h.Fanout.mu.Unlock()
-	}
 	if hb.heartbeat != nil {
 		hb.heartbeat.Stop()
 	}
@@ -112,26 +109,24 @@ func (hb *hub) broadcastLocked() {
 	hb.wake = make(chan struct{})
 }
 
-// join adds a client of handler h and makes sure the upstream runs.
+// join adds a client of the handler whose runtime is run, and makes sure
+// the upstream runs.
 // It returns the last event published before the client joined: the
 // events after it answer the client's request, even those published while
 // it waited for the upstream's header (a backend's welcome event).
-func (hb *hub) join(h *Handler, r *http.Request, next caddyhttp.Handler) (joinedAt uint64, ok bool) {
+func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next caddyhttp.Handler) (joinedAt uint64, ok bool) {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
-	if h.Fanout.MaxClients > 0 && hb.clients >= h.Fanout.MaxClients {
+	if maxClients > 0 && hb.clients >= maxClients {
 		return 0, false
 	}
 	hb.clients++
-	if _, ok := hb.sources[h]; !ok {
+	if _, ok := hb.sources[run]; !ok {
 		tmpl := r.Clone(context.WithoutCancel(r.Context()))
 		tmpl.Body = http.NoBody
 		tmpl.Header.Del("Last-Event-ID")
-		hb.sources[h] = &source{next: next, tmpl: tmpl, added: time.Now()}
+		hb.sources[run] = &source{next: next, tmpl: tmpl, added: time.Now()}
 		hb.path = r.URL.Path
-		h.Fanout.mu.Lock()
-		h.Fanout.runs[hb] = struct{}{}
-		h.Fanout.mu.Unlock()
 	}
 	if hb.failed && hb.up == nil {
 		hb.failed = false // a new client asks again
@@ -203,7 +198,7 @@ func (hb *hub) streamStarted(gen uint64, status int, header http.Header) {
 	hb.liveGen = gen
 	hb.old.stopAsync()
 	hb.old = nil
-	hb.up.h.metrics.upstreamConnected(hb.header != nil)
+	hb.up.owner.policy.metrics.upstreamConnected(hb.header != nil)
 	if hb.header != nil && !hb.backendIDs {
 		// A new upstream connection to a backend without ids: no way to
 		// know what was missed in between, but clients stay connected and
@@ -247,7 +242,7 @@ func (hb *hub) beatLocked() {
 }
 
 // publish stores one complete event and wakes the clients.
-func (hb *hub) publish(gen uint64, raw []byte, info eventInfo) {
+func (hb *hub) publish(gen uint64, raw []byte, info sse.Event) {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
 	if gen != hb.liveGen {
@@ -257,21 +252,21 @@ func (hb *hub) publish(gen uint64, raw []byte, info eventInfo) {
 		return
 	}
 	id := ""
-	if info.hasID && !info.idTooLong {
-		id = string(info.id)
+	if info.HasID() && !info.IDTooLong() {
+		id = string(info.ID())
 	}
-	if info.hasID {
+	if info.HasID() {
 		hb.backendIDs = true
 		hb.lastBackID = id
 	}
-	if info.retry >= 0 {
-		hb.retry = time.Duration(min(info.retry, int64(maxBackoff/time.Millisecond))) * time.Millisecond
+	if info.Retry() >= 0 {
+		hb.retry = time.Duration(min(info.Retry(), int64(maxBackoff/time.Millisecond))) * time.Millisecond
 	}
 	hb.seq++
 	var data []byte
-	if hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !info.hasID) {
+	if hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !info.HasID()) {
 		id = hb.epoch + "-" + strconv.FormatUint(hb.seq, 36)
-		data = withID(raw, id)
+		data = sse.WithID(raw, id)
 	} else {
 		data = append([]byte(nil), raw...)
 	}
@@ -287,7 +282,7 @@ func (hb *hub) publish(gen uint64, raw []byte, info eventInfo) {
 // the old one's events are remembered; the new one's first events that
 // repeat them are dropped, so the switch adds no duplicate. A backend with
 // ids is matched by id; one without, by the event's bytes.
-func (hb *hub) repeatsOverlap(raw []byte, info eventInfo) bool {
+func (hb *hub) repeatsOverlap(raw []byte, info sse.Event) bool {
 	if hb.old != nil { // the new connection has not switched yet
 		if len(hb.overlap) < maxBatch {
 			hb.overlap = append(hb.overlap, append([]byte(nil), raw...))
@@ -298,28 +293,13 @@ func (hb *hub) repeatsOverlap(raw []byte, info eventInfo) bool {
 		return false
 	}
 	for i, seen := range hb.overlap {
-		if bytes.Equal(seen, raw) || (info.hasID && len(info.id) > 0 && bytes.Contains(seen, append([]byte("id: "), info.id...))) {
+		if bytes.Equal(seen, raw) || (info.HasID() && len(info.ID()) > 0 && bytes.Contains(seen, append([]byte("id: "), info.ID()...))) {
 			hb.overlap = hb.overlap[i+1:]
 			return true
 		}
 	}
 	hb.overlap = nil // the new connection is past the overlap
 	return false
-}
-
-// withID copies an event with an id line added just before the blank line
-// that ends it, where it is the event's last id and so the one that counts.
-func withID(raw []byte, id string) []byte {
-	cut := len(raw) - 1 // the blank line is "\n" or "\r"...
-	if len(raw) >= 2 && raw[len(raw)-2] == '\r' && raw[len(raw)-1] == '\n' {
-		cut = len(raw) - 2 // ... or "\r\n"
-	}
-	out := make([]byte, 0, len(raw)+len(id)+5)
-	out = append(out, raw[:cut]...)
-	out = append(out, "id: "...)
-	out = append(out, id...)
-	out = append(out, '\n')
-	return append(out, raw[cut:]...)
 }
 
 // report describes the hub for the admin API.

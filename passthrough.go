@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -17,10 +17,6 @@ import (
 // errStreamEnded is the cause given to a stream's context when the plugin
 // ended the stream itself (max_age, shutdown); writes after it fail with it.
 var errStreamEnded = errors.New("sse: stream ended by the plugin")
-
-// pendingKeep is the capacity of the unfinished-event buffer kept between
-// events; a buffer grown larger by a big event is released after it.
-const pendingKeep = 64 << 10
 
 // responseWriter wraps the response of the next handlers and decides, when
 // the header is written, whether it is an event stream.
@@ -61,22 +57,15 @@ func (rw *responseWriter) WriteHeader(status int) {
 	rw.stream = rw.h.startStream(rw.ResponseWriter, rw.req, status, rw.cancel, encoding)
 }
 
-// isEventStream reports whether a response with this status and header is
-// an event stream the plugin can read.
+// isEventStream reports whether the response is an event stream the
+// plugin can read, and warns about one the backend compressed itself.
 func (rw *responseWriter) isEventStream(status int) bool {
-	if status < 200 || status > 299 || status == http.StatusNoContent || status == http.StatusResetContent {
-		return false
-	}
-	hdr := rw.Header()
-	if !isEventStreamType(hdr.Get("Content-Type")) {
-		return false
-	}
-	if ce := hdr.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+	ok, ce := isEventStream(status, rw.Header())
+	if ce != "" {
 		rw.h.logger.Warn("backend sent a compressed event stream; passing it through without per-event flushing or heartbeats",
 			zap.String("content_encoding", ce), zap.String("path", rw.req.URL.Path))
-		return false
 	}
-	return true
+	return ok
 }
 
 func (rw *responseWriter) Write(p []byte) (int, error) {
@@ -146,11 +135,9 @@ type stream struct {
 
 	mu            sync.Mutex
 	out           clientConn
-	scan          eventScanner
-	pending       []byte // the unfinished event, held until its end
-	midEvent      bool   // part of an unfinished event is on the wire
+	frame         sse.Framer // events, and the unfinished one held until its end
+	midEvent      bool       // part of an unfinished event is on the wire
 	warnedSize    bool
-	forwarded     bool // some backend bytes reached the client
 	lastWrite     time.Time
 	closed        bool
 	endAtBoundary endReason // end requested while midEvent
@@ -163,7 +150,7 @@ type stream struct {
 }
 
 // startStream writes the stream's header and prelude and starts its timers.
-func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int, cancel context.CancelCauseFunc, encoding string) *stream {
+func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int, cancel context.CancelCauseFunc, encoding coding) *stream {
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	s := &stream{
 		h:       h,
@@ -176,11 +163,11 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 	s.out = newClientConn(s.countWire(w), time.Duration(h.WriteTimeout))
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if encoding != "" {
+	if encoding != codingIdentity {
 		if err := s.out.compress(encoding); err != nil {
-			s.logger.Error("cannot compress the stream; sending it uncompressed", zap.String("encoding", encoding), zap.Error(err))
+			s.logger.Error("cannot compress the stream; sending it uncompressed", zap.Stringer("encoding", encoding), zap.Error(err))
 			w.Header().Del("Content-Encoding")
-			encoding = ""
+			encoding = codingIdentity
 		}
 	}
 	s.obs.encoding = encoding
@@ -199,8 +186,7 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 		s.heartbeat = time.AfterFunc(h.heartbeatEvery, s.onHeartbeat)
 	}
 	if h.MaxAge > 0 {
-		age := time.Duration(float64(h.MaxAge) * (0.8 + 0.2*rand.Float64()))
-		s.maxAge = time.AfterFunc(age, func() { s.end(endMaxAge) })
+		s.maxAge = time.AfterFunc(jitter(time.Duration(h.MaxAge)), func() { s.end(endMaxAge) })
 	}
 	if c := s.logger.Check(zap.DebugLevel, "stream started"); c != nil {
 		c.Write()
@@ -219,7 +205,7 @@ func (s *stream) Write(p []byte) (int, error) {
 	}
 	end, count := 0, 0
 	for off := 0; off < len(p); {
-		n, complete := s.scan.next(p[off:])
+		n, complete := s.frame.Next(p[off:])
 		off += n
 		if complete {
 			end, count = off, count+1
@@ -248,7 +234,7 @@ func (s *stream) Write(p []byte) (int, error) {
 		if err := s.forwardLocked(rest); err != nil {
 			return end, err
 		}
-	case len(s.pending)+len(rest) > s.h.MaxEventSize:
+	case s.frame.Held()+len(rest) > s.h.MaxEventSize:
 		if !s.warnedSize {
 			s.warnedSize = true
 			s.logger.Warn("event larger than max_event_size; streaming the rest of it unbuffered",
@@ -259,30 +245,15 @@ func (s *stream) Write(p []byte) (int, error) {
 		}
 		s.midEvent = true
 	default:
-		s.pending = append(s.pending, rest...)
+		s.frame.Hold(rest)
 	}
 	return len(p), nil
 }
 
 // forwardLocked sends what is held plus chunk to the client, and flushes.
 func (s *stream) forwardLocked(chunk []byte) error {
-	buf := chunk
-	if len(s.pending) > 0 {
-		s.pending = append(s.pending, chunk...)
-		buf = s.pending
-	}
-	if !s.forwarded {
-		s.forwarded = true
-		if s.scan.sawBOM() {
-			buf = buf[3:] // the prelude went first; a BOM after it would join the first field name
-		}
-	}
-	err := s.writeLocked(buf)
-	if cap(s.pending) > pendingKeep {
-		s.pending = nil
-	} else {
-		s.pending = s.pending[:0]
-	}
+	err := s.writeLocked(s.frame.Take(chunk))
+	s.frame.Release()
 	return err
 }
 
@@ -316,11 +287,11 @@ func (s *stream) end(reason endReason) {
 }
 
 func (s *stream) endLocked(reason endReason) {
-	if len(s.pending) > 0 {
+	if s.frame.Held() > 0 {
 		if c := s.logger.Check(zap.WarnLevel, "dropping an unfinished event at the end of the stream"); c != nil {
-			c.Write(zap.Int("bytes", len(s.pending)), zap.String("reason", string(reason)))
+			c.Write(zap.Int("bytes", s.frame.Held()), zap.String("reason", string(reason)))
 		}
-		s.pending = s.pending[:0]
+		s.frame.Release()
 	}
 	if len(s.h.retryHint) > 0 && s.writeLocked(s.h.retryHint) != nil {
 		return // closed by the failed write
@@ -357,9 +328,9 @@ func (s *stream) finish() (endedByPlugin bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.closed {
-		if len(s.pending) > 0 {
+		if s.frame.Held() > 0 {
 			s.logger.Warn("backend ended the stream in the middle of an event; EventSource discards it",
-				zap.Int("bytes", len(s.pending)))
+				zap.Int("bytes", s.frame.Held()))
 			_ = s.forwardLocked(nil)
 		}
 		s.closeLocked(endBackend, nil)

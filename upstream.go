@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
+
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -16,7 +18,7 @@ import (
 // upstream is one loop that keeps the backend connected through one
 // handler's route.
 type upstream struct {
-	h      *Handler
+	owner  *fanoutRuntime // the handler whose route it runs through
 	gen    uint64
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -46,10 +48,10 @@ type source struct {
 // running upstream keeps publishing until the new one streams.
 func (hb *hub) startUpstreamLocked() {
 	var src *source
-	var runner *Handler
-	for h, s := range hb.sources {
+	var runner *fanoutRuntime
+	for run, s := range hb.sources {
 		if src == nil || s.added.After(src.added) {
-			src, runner = s, h
+			src, runner = s, run
 		}
 	}
 	if src == nil {
@@ -63,7 +65,7 @@ func (hb *hub) startUpstreamLocked() {
 	// detached from its client; the upstream gets a cancel of its own.
 	ctx, cancel := context.WithCancel(src.tmpl.Context())
 	hb.gens++
-	hb.up = &upstream{h: runner, gen: hb.gens, cancel: cancel, done: make(chan struct{})}
+	hb.up = &upstream{owner: runner, gen: hb.gens, cancel: cancel, done: make(chan struct{})}
 	go hb.runUpstream(ctx, src, hb.up)
 }
 
@@ -73,16 +75,16 @@ func (u *upstream) stopAsync() {
 	}
 }
 
-// dropSource forgets handler h (its config is being unloaded). If its
+// dropSource forgets the handler whose runtime is run (its config is being unloaded). If its
 // route runs the upstream, another handler's route takes over when there
 // is one; otherwise the upstream keeps its connection (but no longer
 // reconnects) so that nothing is missed until a client of the new config
 // arrives and takes over.
-func (hb *hub) dropSource(h *Handler) {
+func (hb *hub) dropSource(run *fanoutRuntime) {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
-	delete(hb.sources, h)
-	if hb.up == nil || hb.up.h != h {
+	delete(hb.sources, run)
+	if hb.up == nil || hb.up.owner != run {
 		return
 	}
 	hb.up.orphan = true
@@ -113,7 +115,7 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 			hb.mu.Unlock()
 			return
 		}
-		u.h.metrics.upstreamFailed()
+		u.owner.policy.metrics.upstreamFailed()
 		if notStream || hb.header == nil {
 			hb.failed = true
 			hb.up = nil
@@ -179,10 +181,8 @@ type hubWriter struct {
 	wroteHeader bool
 	streaming   bool
 	notStream   bool
-	scan        eventScanner
-	pending     []byte
+	frame       sse.Framer
 	oversize    bool // dropping the rest of an event larger than max_event_size
-	first       bool // the first event was published (the BOM is behind us)
 }
 
 func (w *hubWriter) Header() http.Header { return w.header }
@@ -192,9 +192,7 @@ func (w *hubWriter) WriteHeader(status int) {
 		return
 	}
 	w.wroteHeader = true
-	ce := w.header.Get("Content-Encoding")
-	if status < 200 || status > 299 || status == http.StatusNoContent || status == http.StatusResetContent ||
-		!isEventStreamType(w.header.Get("Content-Type")) || (ce != "" && ce != "identity") {
+	if ok, _ := isEventStream(status, w.header); !ok {
 		w.notStream = true
 		return
 	}
@@ -213,38 +211,33 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 	}
 	start := 0
 	for off := 0; off < len(p); {
-		n, complete := w.scan.next(p[off:])
+		n, complete := w.frame.Next(p[off:])
 		off += n
 		if !complete {
 			continue
 		}
-		if raw := p[start:off]; !w.oversize {
-			if len(w.pending) > 0 {
-				w.pending = append(w.pending, raw...)
-				raw = w.pending
-			}
-			if len(raw) > w.hub.cfg.maxEventSize {
-				w.dropOversize()
-			} else {
-				w.publish(raw)
-			}
+		switch chunk := p[start:off]; {
+		case w.oversize:
+			w.frame.Drop()
+		case w.frame.Held()+len(chunk) > w.hub.cfg.maxEventSize:
+			w.dropOversize()
+			w.frame.Drop()
+		default:
+			w.publish(w.frame.Take(chunk))
+			w.frame.Release()
 		}
 		w.oversize = false
-		w.pending = w.pending[:0]
 		start = off
 	}
 	rest := p[start:]
 	switch {
 	case len(rest) == 0 || w.oversize:
-	case len(w.pending)+len(rest) > w.hub.cfg.maxEventSize:
+	case w.frame.Held()+len(rest) > w.hub.cfg.maxEventSize:
 		w.dropOversize()
 		w.oversize = true
-		w.pending = nil
+		w.frame.Drop()
 	default:
-		w.pending = append(w.pending, rest...)
-	}
-	if cap(w.pending) > pendingKeep && len(w.pending) == 0 {
-		w.pending = nil
+		w.frame.Hold(rest)
 	}
 	return len(p), nil
 }
@@ -255,17 +248,11 @@ func (w *hubWriter) dropOversize() {
 }
 
 func (w *hubWriter) publish(raw []byte) {
-	info := w.scan.event()
-	if !w.first {
-		w.first = true
-		if w.scan.sawBOM() {
-			raw = raw[3:]
-		}
-	}
-	if info.leadingLF {
+	info := w.frame.Event()
+	if info.LeadingLF() {
 		raw = raw[1:] // the partner of the previous event's CR
 	}
-	if !info.hasFields {
+	if !info.HasFields() {
 		return // the backend's own heartbeats: the hub sends its own
 	}
 	w.hub.publish(w.gen, raw, info)
@@ -276,8 +263,8 @@ func (w *hubWriter) FlushError() error { return nil }
 
 // finish drops an unfinished event left when the upstream ended.
 func (w *hubWriter) finish() {
-	if len(w.pending) > 0 {
-		w.hub.logger.Debug("backend stream ended in the middle of an event; dropped it", zap.Int("bytes", len(w.pending)))
+	if w.frame.Held() > 0 {
+		w.hub.logger.Debug("backend stream ended in the middle of an event; dropped it", zap.Int("bytes", w.frame.Held()))
 	}
-	w.pending = nil
+	w.frame.Drop()
 }
