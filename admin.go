@@ -132,7 +132,7 @@ func (s *stream) status(now time.Time) streamStatus {
 		LastEventID:   formatID(s.obs.lastID),
 		Events:        s.events,
 		Bytes:         s.bytes,
-		Encoding:      s.encoding(),
+		Encoding:      s.encoding().String(),
 	}
 	switch {
 	case s.closed:

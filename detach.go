@@ -55,20 +55,20 @@ func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int
 	conn, brw, err := hj.Hijack()
 	if err != nil {
 		// The header is out, unchunked: the stream goes on from here.
-		c.h.logger.Debug("could not take over a fan-out connection; serving it on its request", zap.Error(err))
+		c.pol.logger.Debug("could not take over a fan-out connection; serving it on its request", zap.Error(err))
 		return false
 	}
 	c.detached = true
 	// Deadlines net/http or Caddy set for the request no longer apply.
 	_ = conn.SetDeadline(time.Time{})
-	c.wc = newWireConn(conn, time.Duration(c.h.WriteTimeout), c.poke)
+	c.wc = newWireConn(conn, c.pol.writeTimeout, c.poke)
 	c.out = clientConn{w: wireCounter{ResponseWriter: c.wc, n: &c.wire}, rc: http.NewResponseController(c.wc)}
 	if err := c.start(first); err != nil || c.wc.failed() != nil {
 		c.wc.abort()
 		c.release()
 		return true
 	}
-	if c.h.MaxAge > 0 {
+	if c.pol.maxAge > 0 {
 		c.maxAge = time.AfterFunc(c.maxAgeAfter(), func() { c.sub.end(endMaxAge) })
 	}
 	go c.watchPeer(conn, brw.Reader)
@@ -163,7 +163,7 @@ func (c *fanoutClient) serveDetached(batch []*event) (done bool, _ []*event) {
 		c.hub.mu.Lock()
 		lag := c.hub.seq - c.cursor
 		c.hub.mu.Unlock()
-		if lag > c.queue {
+		if lag > c.pol.queue {
 			c.cutBehind(lag, false)
 			return true, batch
 		}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"runtime"
@@ -485,3 +486,43 @@ func splitSSELines(data []byte, atEOF bool) (int, []byte, error) {
 }
 
 var _ io.Writer = (*stream)(nil)
+
+// realisticEvents are n order-update events of ~190 bytes: JSON with a
+// stable shape, random ids and amounts, rising timestamps.
+func realisticEvents(n int) [][]byte {
+	r := rand.New(rand.NewPCG(1, 2))
+	statuses := []string{"pending", "paid", "shipped", "delivered", "cancelled"}
+	const alnum = "abcdefghijklmnopqrstuvwxyz0123456789"
+	word := func(k int) string {
+		b := make([]byte, k)
+		for i := range b {
+			b[i] = alnum[r.IntN(len(alnum))]
+		}
+		return string(b)
+	}
+	ts := time.Date(2025, 5, 1, 12, 0, 0, 0, time.UTC)
+	events := make([][]byte, n)
+	for i := range events {
+		ts = ts.Add(time.Duration(r.IntN(2000)) * time.Millisecond)
+		events[i] = fmt.Appendf(nil, "id: %d\nevent: order.updated\ndata: {\"id\":\"ord_%s\",\"customer\":\"cus_%s\",\"status\":%q,\"amount\":%d,\"currency\":\"EUR\",\"items\":%d,\"ts\":%q,\"seq\":%d}\n\n",
+			1000+i, word(10), word(8), statuses[r.IntN(len(statuses))], 100+r.IntN(99900), 1+r.IntN(9), ts.Format(time.RFC3339Nano), 1000+i)
+	}
+	return events
+}
+
+// mustCoding is the coding of a name the plugin writes.
+func mustCoding(name string) coding {
+	c, ok := parseCoding(name)
+	if !ok {
+		panic("no coding " + name)
+	}
+	return c
+}
+
+// unboundedPolicy is the client policy of h for benchmark clients that
+// are fed from the test itself: no queue bound to cut them.
+func unboundedPolicy(h *Handler) *clientPolicy {
+	p := h.newClientPolicy(nil)
+	p.queue = 1 << 20
+	return p
+}

@@ -1,11 +1,8 @@
 package caddysse
 
 import (
-	"cmp"
 	"errors"
-	"net"
 	"net/http"
-	"os"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -53,42 +50,17 @@ func (m streamMode) String() string {
 	return "passthrough"
 }
 
-// Content codings of the stream written to clients, as label values;
-// their series exist from the start. Another coding (br, if the plugin
-// ever writes it) gets its series when first counted.
-const (
-	encIdentity = "identity"
-	encGzip     = "gzip"
-	encZstd     = "zstd"
-)
-
-var encodings = [...]string{encIdentity, encGzip, encZstd}
-
-func encodingIndex(enc string) int {
-	switch enc {
-	case encIdentity, "":
-		return 0
-	case encGzip:
-		return 1
-	case encZstd:
-		return 2
-	}
-	return -1
-}
-
 // sseMetrics are the collectors of one metrics registry (one Caddy
 // config), shared by every sse handler of that config. The label values
 // known in advance are resolved once, so that counting costs one atomic
 // add. A nil *sseMetrics (no registry) counts nothing.
 type sseMetrics struct {
-	active       *activeCollector
-	events       [numModes]prometheus.Counter
-	heartbeats   [numModes]prometheus.Counter
-	slowClients  [numModes]prometheus.Counter
-	bytesWire    [numModes][len(encodings)]prometheus.Counter
-	bytesRaw     [numModes][len(encodings)]prometheus.Counter
-	bytesWireVec *prometheus.CounterVec // for an encoding not in encodings
-	bytesRawVec  *prometheus.CounterVec
+	active      *activeCollector
+	events      [numModes]prometheus.Counter
+	heartbeats  [numModes]prometheus.Counter
+	slowClients [numModes]prometheus.Counter
+	bytesWire   [numModes][numCodings]prometheus.Counter
+	bytesRaw    [numModes][numCodings]prometheus.Counter
 
 	replaysServed  prometheus.Counter
 	replaysMissed  prometheus.Counter
@@ -121,11 +93,9 @@ func newMetrics(reg prometheus.Registerer) (*sseMetrics, error) {
 	events := counterVec("events_total", "Events written to clients (an event sent to n clients counts n).", "mode")
 	heartbeats := counterVec("heartbeats_total", "Heartbeat comments written to clients.", "mode")
 	slow := counterVec("slow_clients_total", "Clients cut off because they did not read their stream within write_timeout.", "mode")
-	m := &sseMetrics{
-		active:       active,
-		bytesWireVec: counterVec("bytes_written_total", "Bytes of event streams written to clients, after compression.", "mode", "encoding"),
-		bytesRawVec:  counterVec("bytes_uncompressed_total", "Bytes of event streams written to clients, before compression.", "mode", "encoding"),
-	}
+	m := &sseMetrics{active: active}
+	bytesWire := counterVec("bytes_written_total", "Bytes of event streams written to clients, after compression.", "mode", "encoding")
+	bytesRaw := counterVec("bytes_uncompressed_total", "Bytes of event streams written to clients, before compression.", "mode", "encoding")
 	replays := counterVec("replay_requests_total", "Reconnects with a Last-Event-ID: served from the replay cache, or missed (id not in the cache).", "result")
 	m.eventsReplayed = counter("events_replayed_total", "Events sent to reconnecting clients from the replay cache.")
 	connects := counterVec("upstream_connects_total", "Upstream connections made by fan-out hubs: the first one of a hub, or a reconnect.", "attempt")
@@ -140,9 +110,10 @@ func newMetrics(reg prometheus.Registerer) (*sseMetrics, error) {
 		m.events[mode] = events.WithLabelValues(l)
 		m.heartbeats[mode] = heartbeats.WithLabelValues(l)
 		m.slowClients[mode] = slow.WithLabelValues(l)
-		for i, enc := range encodings {
-			m.bytesWire[mode][i] = m.bytesWireVec.WithLabelValues(l, enc)
-			m.bytesRaw[mode][i] = m.bytesRawVec.WithLabelValues(l, enc)
+		// Every coding's series exists from the start.
+		for c := range numCodings {
+			m.bytesWire[mode][c] = bytesWire.WithLabelValues(l, c.String())
+			m.bytesRaw[mode][c] = bytesRaw.WithLabelValues(l, c.String())
 		}
 	}
 	m.replaysServed = replays.WithLabelValues("served")
@@ -257,22 +228,16 @@ func (m *sseMetrics) heartbeatsSent(mode streamMode, n int) {
 
 // bytesWritten counts one write to a client: wire bytes after the content
 // coding enc (identity, gzip, zstd, br), raw bytes before it.
-func (m *sseMetrics) bytesWritten(mode streamMode, enc string, wire, raw int) {
+func (m *sseMetrics) bytesWritten(mode streamMode, c coding, wire, raw int) {
 	if m == nil {
 		return
 	}
-	if i := encodingIndex(enc); i >= 0 {
-		if wire > 0 {
-			m.bytesWire[mode][i].Add(float64(wire))
-		}
-		if raw > 0 {
-			m.bytesRaw[mode][i].Add(float64(raw))
-		}
-		return
+	if wire > 0 {
+		m.bytesWire[mode][c].Add(float64(wire))
 	}
-	// Not a coding the plugin writes: still counted, under its own name.
-	m.bytesWireVec.WithLabelValues(mode.String(), enc).Add(float64(wire))
-	m.bytesRawVec.WithLabelValues(mode.String(), enc).Add(float64(raw))
+	if raw > 0 {
+		m.bytesRaw[mode][c].Add(float64(raw))
+	}
 }
 
 // slowClientCut counts a client cut off for not reading in time.
@@ -342,7 +307,7 @@ type streamObs struct {
 	lastID  []byte // last event id seen, reused
 	counted bool   // counted in streams_active/clients_active
 
-	encoding string // content coding to the client; "" for none
+	encoding coding // content coding to the client
 	wire     int64  // bytes that reached the client's writer (after compression)
 	wireSeen int64  // wire bytes already counted in the metrics
 }
@@ -366,13 +331,13 @@ func (s *stream) observeEnd() {
 
 // observeEvent records the event the scanner just completed.
 func (s *stream) observeEvent() {
-	if ev := s.scan.event(); ev.hasID {
-		s.obs.lastID = append(s.obs.lastID[:0], ev.id...)
+	if ev := s.frame.Event(); ev.HasID() {
+		s.obs.lastID = append(s.obs.lastID[:0], ev.ID()...)
 	}
 }
 
 // encoding is the content coding of what the stream writes to its client.
-func (s *stream) encoding() string { return cmp.Or(s.obs.encoding, encIdentity) }
+func (s *stream) encoding() coding { return s.obs.encoding }
 
 // observeWrite counts a write of n bytes (before compression) to the
 // client, and the bytes that reached the client's writer since the last
@@ -408,18 +373,13 @@ func (w wireCounter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 func formatID(id []byte) string { return strings.ToValidUTF8(string(id), "\uFFFD") }
 
 // observeWriteError counts and logs a client cut off because a write did
-// not complete within write_timeout: the connection reports a timeout
-// (HTTP/1), or the write failed once its deadline had passed (HTTP/2
-// resets the stream instead). Other failures are clients gone: the
-// "stream ended" line reports them.
+// not complete within write_timeout (clientConn.isWriteTimeout). Other
+// failures are clients gone: the "stream ended" line reports them.
 func (s *stream) observeWriteError(err error) {
 	if s.closed {
 		return
 	}
-	var ne net.Error
-	timedOut := errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) ||
-		(s.out.timeout > 0 && !s.out.deadline.IsZero() && !time.Now().Before(s.out.deadline))
-	if !timedOut {
+	if !s.out.isWriteTimeout(err) {
 		return
 	}
 	s.h.metrics.slowClientCut(modePassthrough)

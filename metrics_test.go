@@ -345,7 +345,7 @@ func TestMetricsRegistryPerConfig(t *testing.T) {
 	m1.upstreamConnected(true)
 	m1.upstreamFailed()
 	m2.clientRefused("max_clients")
-	m1.bytesWritten(modeFanout, "zstd", 10, 30)
+	m1.bytesWritten(modeFanout, codingZstd, 10, 30)
 
 	text := gatherText(t, reg)
 	checks := []struct {

@@ -10,11 +10,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -102,9 +105,10 @@ type Handler struct {
 	retryHint      []byte // "retry: N\n\n", or nil
 	logger         *zap.Logger
 	streams        *streamSet
-	metrics        *sseMetrics // nil without a metrics registry (metrics.go)
-	keySecret      []byte      // keys hashKey (admin.go)
-	comp           compression // compress.go
+	metrics        *sseMetrics    // nil without a metrics registry (metrics.go)
+	keySecret      []byte         // keys hashKey (admin.go)
+	comp           compression    // compress.go
+	fan            *fanoutRuntime // fanout.go; nil without fanout
 }
 
 // CaddyModule returns the Caddy module information.
@@ -140,16 +144,18 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.heartbeatBytes = []byte(": " + h.HeartbeatComment + "\n\n")
 	if h.Retry > 0 {
-		h.retryHint = retryField(time.Duration(h.Retry))
+		h.retryHint = sse.RetryField(time.Duration(h.Retry))
 	}
-	h.prelude = append(paddingBlock(h.padding()), h.retryHint...)
+	h.prelude = append(sse.PaddingBlock(h.padding()), h.retryHint...)
 	if err := h.provisionCompression(); err != nil {
 		return err
 	}
 	if h.Fanout != nil {
 		h.Fanout.provision()
+		h.fan = new(fanoutRuntime)
+		h.fan.policy = h.newClientPolicy(&h.fan.clients)
 		// Handlers share a hub only when they agree on its settings.
-		h.Fanout.poolPrefix = fmt.Sprintf("%v\x00", h.hubConfig())
+		h.fan.poolPrefix = fmt.Sprintf("%v\x00", h.hubConfig())
 	}
 	return nil
 }
@@ -257,7 +263,7 @@ func (h *Handler) servePassthrough(w http.ResponseWriter, r *http.Request, next 
 func acceptsEventStream(hdr http.Header) bool {
 	for _, v := range hdr.Values("Accept") {
 		for part := range strings.SplitSeq(v, ",") {
-			if isEventStreamType(part) {
+			if sse.IsEventStreamType(part) {
 				return true
 			}
 		}
@@ -305,32 +311,28 @@ func zeroQ(params string) bool {
 	return false
 }
 
-// isEventStreamType reports whether a media type, with optional
-// parameters, is text/event-stream, case-insensitively.
-func isEventStreamType(mediaType string) bool {
-	if i := strings.IndexByte(mediaType, ';'); i >= 0 {
-		mediaType = mediaType[:i]
+// isEventStream reports whether a response with this status and header is
+// an event stream the plugin can read: a 2xx with content (not 204 or 205)
+// of media type text/event-stream, not content-coded. A stream that only
+// its coding disqualifies returns that coding as compressedBy, so the
+// caller can say why it passes it through.
+func isEventStream(status int, hdr http.Header) (ok bool, compressedBy string) {
+	if status < 200 || status > 299 || status == http.StatusNoContent || status == http.StatusResetContent {
+		return false, ""
 	}
-	return strings.EqualFold(strings.TrimSpace(mediaType), "text/event-stream")
+	if !sse.IsEventStreamType(hdr.Get("Content-Type")) {
+		return false, ""
+	}
+	if ce := hdr.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+		return false, ce
+	}
+	return true, ""
 }
 
-// retryField is a retry field in its own block, in milliseconds.
-func retryField(d time.Duration) []byte {
-	return []byte("retry: " + strconv.FormatInt(d.Milliseconds(), 10) + "\n\n")
-}
-
-// paddingBlock is one comment line of exactly n bytes (n is 0 or >= 2).
-func paddingBlock(n int) []byte {
-	if n <= 0 {
-		return nil
-	}
-	b := make([]byte, n)
-	b[0] = ':'
-	for i := 1; i < n-1; i++ {
-		b[i] = ' '
-	}
-	b[n-1] = '\n'
-	return b
+// jitter spreads a max_age over 80-100% of it, so that streams begun
+// together (a reload's reconnects) do not end together.
+func jitter(maxAge time.Duration) time.Duration {
+	return time.Duration(float64(maxAge) * (0.8 + 0.2*rand.Float64()))
 }
 
 // endable is a live client stream the plugin can end: a pass-through

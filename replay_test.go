@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
 )
 
 func addEvents(m *memoryReplay, from, to int, size int, at time.Time) {
@@ -104,12 +106,12 @@ func TestWithIDBeforeTheBlankLine(t *testing.T) {
 		"data: x\r\r":        "data: x\rid: 7\n\r",
 		"id: 1\ndata: x\n\n": "id: 1\ndata: x\nid: 7\n\n",
 	} {
-		got := string(withID([]byte(in), "7"))
+		got := string(sse.WithID([]byte(in), "7"))
 		if got != want {
-			t.Errorf("withID(%q) = %q, want %q", in, got, want)
+			t.Errorf("sse.WithID(%q) = %q, want %q", in, got, want)
 		}
 		if evs, _, _ := parseEvents([]byte(got)); len(evs) != 1 || evs[0].ID != "7" || evs[0].Data != "x" {
-			t.Errorf("withID(%q) parses as %+v", in, evs)
+			t.Errorf("sse.WithID(%q) parses as %+v", in, evs)
 		}
 	}
 }

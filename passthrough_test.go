@@ -12,14 +12,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
+
 	"github.com/caddyserver/caddy/v2"
 )
 
 // prelude is what a handler with these settings writes first.
 func prelude(padding int, retry time.Duration) string {
-	s := string(paddingBlock(padding))
+	s := string(sse.PaddingBlock(padding))
 	if retry > 0 {
-		s += string(retryField(retry))
+		s += string(sse.RetryField(retry))
 	}
 	return s
 }

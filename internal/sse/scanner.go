@@ -1,11 +1,17 @@
-package caddysse
+// Package sse holds what the plugin knows of the text/event-stream format
+// itself, without HTTP servers or Caddy: an incremental scanner that finds
+// event boundaries and the fields the plugin acts on, and the framing
+// helpers that build the bytes the plugin writes (ids, reset events,
+// retry fields, padding). It imports nothing of Caddy, so the compiler
+// keeps that boundary.
+package sse
 
 import (
 	"bytes"
 	"math"
 )
 
-// eventScanner reads an event stream incrementally and finds where each
+// Scanner reads an event stream incrementally and finds where each
 // event ends, by the WHATWG HTML "event stream interpretation" rules: lines
 // end in LF, CRLF or a lone CR (a CRLF may be split across two reads), a
 // leading U+FEFF BOM is dropped, lines starting with ':' are comments, a
@@ -14,11 +20,11 @@ import (
 //
 // It never copies the stream: it reports byte offsets and the few fields
 // the plugin acts on (id, retry, whether data was present). Its memory is
-// fixed: a field name prefix, an id of at most maxIDLen bytes, a retry
+// fixed: a field name prefix, an id of at most MaxIDLen bytes, a retry
 // number; line and event lengths are unbounded without costing memory.
 //
 // The zero value is ready to use, at the start of a stream.
-type eventScanner struct {
+type Scanner struct {
 	// Stream start: a BOM may arrive split across calls, so up to two of
 	// its bytes are held (as a count) until the third one decides.
 	bomDone bool  // the start of the stream has been decided
@@ -57,23 +63,23 @@ type eventScanner struct {
 	retry     int64
 	idLen     int
 	idCur     int // ids[idCur] holds the committed id
-	ids       [2][maxIDLen]byte
+	ids       [2][MaxIDLen]byte
 
-	last eventInfo // the event the last call to next completed
+	last Event // the event the last call to next completed
 }
 
-// maxIDLen bounds the bytes of an event id the scanner keeps. A longer id
+// MaxIDLen bounds the bytes of an event id the scanner keeps. A longer id
 // is reported with idTooLong set and its bytes truncated.
-const maxIDLen = 256
+const MaxIDLen = 256
 
 // maxRetry is what a retry value too large for an int64 is capped to.
 const maxRetry = math.MaxInt64
 
-// eventInfo describes one complete event, as EventSource would see it.
-type eventInfo struct {
+// Event describes one complete event, as EventSource would see it.
+type Event struct {
 	id        []byte // value of the last valid id field; aliases scanner memory until the next call to next
 	hasID     bool   // a valid id field was present (possibly empty, which resets the last event ID)
-	idTooLong bool   // the id was longer than maxIDLen; id holds its first maxIDLen bytes
+	idTooLong bool   // the id was longer than MaxIDLen; id holds its first MaxIDLen bytes
 	hasData   bool   // a data field was present: EventSource dispatches this event
 	hasFields bool   // any field line at all (data, event, id, retry, or unknown): false for comment-only blocks
 	retry     int64  // the last valid retry field, in milliseconds, or -1 when none
@@ -81,7 +87,36 @@ type eventInfo struct {
 	size      int    // bytes of the whole event, from the previous boundary up to and including its blank line's terminator
 }
 
-// Line states of eventScanner.mode.
+// Accessors of an Event. Its fields stay unexported so that the scanner,
+// which fills them, is the only writer.
+
+// ID is the value of the last valid id field; it aliases the scanner's
+// memory until its next call to Next.
+func (e Event) ID() []byte { return e.id }
+
+// HasID reports a valid id field (possibly empty, which resets the last
+// event ID).
+func (e Event) HasID() bool { return e.hasID }
+
+// IDTooLong reports an id longer than MaxIDLen; ID holds its first
+// MaxIDLen bytes.
+func (e Event) IDTooLong() bool { return e.idTooLong }
+
+// HasData reports a data field: EventSource dispatches this event.
+func (e Event) HasData() bool { return e.hasData }
+
+// HasFields reports any field line at all: false for comment-only blocks
+// (a backend's own heartbeats).
+func (e Event) HasFields() bool { return e.hasFields }
+
+// Retry is the last valid retry field in milliseconds, or -1 for none.
+func (e Event) Retry() int64 { return e.retry }
+
+// LeadingLF reports that the event's first byte is the LF partner of the
+// previous event's CR terminator: part of no line of this event.
+func (e Event) LeadingLF() bool { return e.leadingLF }
+
+// Line states of Scanner.mode.
 const (
 	modeLineStart uint8 = iota // nothing of the current line seen yet
 	modeName                   // reading a field name
@@ -92,7 +127,7 @@ const (
 
 var utf8BOM = [3]byte{0xEF, 0xBB, 0xBF}
 
-// next consumes p up to and including the first event boundary in it and
+// Next consumes p up to and including the first event boundary in it and
 // returns how many bytes it consumed and whether they complete an event.
 // When complete is false, all of p was consumed and the event goes on in
 // the next call. An event is every byte from the previous boundary up to
@@ -101,7 +136,7 @@ var utf8BOM = [3]byte{0xEF, 0xBB, 0xBF}
 // line ends in a lone CR is reported at once; an LF that follows it in a
 // later call is consumed as that CR's partner (leadingLF), never as a
 // blank line.
-func (s *eventScanner) next(p []byte) (n int, complete bool) {
+func (s *Scanner) Next(p []byte) (n int, complete bool) {
 	if len(p) == 0 {
 		return 0, false
 	}
@@ -137,22 +172,18 @@ func (s *eventScanner) next(p []byte) (n int, complete bool) {
 	return n, complete
 }
 
-// event describes the event that the last call to next completed.
-func (s *eventScanner) event() eventInfo { return s.last }
+// Event describes the event that the last call to Next completed.
+func (s *Scanner) Event() Event { return s.last }
 
-// inEvent reports whether bytes of an unfinished event have been consumed
-// (the stream is not at an event boundary).
-func (s *eventScanner) inEvent() bool { return s.size > 0 }
-
-// sawBOM reports whether the stream began with a UTF-8 BOM that the
+// SawBOM reports whether the stream began with a UTF-8 BOM that the
 // scanner consumed (the first 3 bytes of the stream). Writers drop it,
 // because anything the plugin writes before it (padding) would turn it
 // into part of the first field name.
-func (s *eventScanner) sawBOM() bool { return s.bom }
+func (s *Scanner) SawBOM() bool { return s.bom }
 
 // finish records the event just completed and resets the per-event state.
-func (s *eventScanner) finish() {
-	s.last = eventInfo{
+func (s *Scanner) finish() {
+	s.last = Event{
 		hasID:     s.hasID,
 		idTooLong: s.idTooLong,
 		hasData:   s.hasData,
@@ -176,7 +207,7 @@ func (s *eventScanner) finish() {
 // scan runs the line state machine over p, the stream after any BOM, up
 // to and including the first blank line's terminator. It does not count
 // s.size; next does.
-func (s *eventScanner) scan(p []byte) (int, bool) {
+func (s *Scanner) scan(p []byte) (int, bool) {
 	i := 0
 	if s.afterCR && len(p) > 0 {
 		s.afterCR = false
@@ -298,7 +329,7 @@ func (s *eventScanner) scan(p []byte) (int, bool) {
 
 // line acts on one whole line (not blank, without its terminator): the
 // same as the streaming modes below, in one step.
-func (s *eventScanner) line(l []byte) {
+func (s *Scanner) line(l []byte) {
 	if l[0] == ':' {
 		return // comment
 	}
@@ -358,7 +389,7 @@ func appendRetry(val int64, v []byte) (_ int64, ok bool) {
 
 // startValue classifies the field whose name was just read and sets up
 // the reading of its value.
-func (s *eventScanner) startValue() {
+func (s *Scanner) startValue() {
 	switch string(s.name[:s.nameLen]) {
 	case "data":
 		s.hasData = true
@@ -377,7 +408,7 @@ func (s *eventScanner) startValue() {
 }
 
 // endValue acts on the field value that just ended with its line.
-func (s *eventScanner) endValue() {
+func (s *Scanner) endValue() {
 	switch s.mode {
 	case modeID:
 		if !s.idNextNUL {
@@ -397,7 +428,7 @@ func (s *eventScanner) endValue() {
 // endLine consumes the line terminator at p[e] (CR or LF) and returns the
 // index after it. A CR at the very end of p leaves afterCR set, so that
 // an LF at the start of the next p is taken as its partner.
-func (s *eventScanner) endLine(p []byte, e int) int {
+func (s *Scanner) endLine(p []byte, e int) int {
 	s.mode = modeLineStart
 	if p[e] == '\r' {
 		if e+1 == len(p) {

@@ -2,7 +2,6 @@ package caddysse
 
 import (
 	"bytes"
-	"cmp"
 	"fmt"
 	"net/http"
 	"strings"
@@ -10,7 +9,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"go.uber.org/zap"
 )
 
 // Shared compression at fan-out (compress.go): each event is compressed
@@ -72,13 +70,13 @@ func (c *decodingClient) wireBytes() []byte {
 type joinGroup struct {
 	name   string
 	plain  *decodingClient
-	z      [numZ]*decodingClient
+	z      [numCodings]*decodingClient
 	after  uint64 // the last event published before they joined
 	replay uint64 // events the cache replays to them
 }
 
 func (g *joinGroup) all() []*decodingClient {
-	return []*decodingClient{g.plain, g.z[zGzip], g.z[zZstd]}
+	return []*decodingClient{g.plain, g.z[codingGzip], g.z[codingZstd]}
 }
 
 func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
@@ -91,11 +89,14 @@ func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
 	join := func(name string, h2 bool, headers ...string) *joinGroup {
 		g := &joinGroup{name: name, after: uint64(published)}
 		g.plain = openDecoding(t, base+"/events", h2, "", headers...)
-		g.z[zGzip] = openDecoding(t, base+"/events", h2, "gzip", headers...)
-		g.z[zZstd] = openDecoding(t, base+"/events", !h2, "zstd", headers...)
+		g.z[codingGzip] = openDecoding(t, base+"/events", h2, "gzip", headers...)
+		g.z[codingZstd] = openDecoding(t, base+"/events", !h2, "zstd", headers...)
 		for i, c := range g.z {
-			if ce := c.Resp.Header.Get("Content-Encoding"); ce != encodingName(i) {
-				t.Fatalf("%s: Content-Encoding %q, want %s", name, ce, encodingName(i))
+			if c == nil {
+				continue // identity: g.plain
+			}
+			if ce := c.Resp.Header.Get("Content-Encoding"); ce != coding(i).String() {
+				t.Fatalf("%s: Content-Encoding %q, want %s", name, ce, coding(i))
 			}
 		}
 		groups = append(groups, g)
@@ -110,8 +111,11 @@ func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
 				return strings.HasSuffix(s, suffix)
 			})
 			for i, c := range g.z {
+				if c == nil {
+					continue // identity: g.plain
+				}
 				if got, _ := c.state(); !strings.HasPrefix(want, got) {
-					t.Fatalf("%s/%s decoded %q, its uncompressed twin %q", g.name, encodingName(i), tail(got), tail(want))
+					t.Fatalf("%s/%s decoded %q, its uncompressed twin %q", g.name, coding(i), tail(got), tail(want))
 				}
 				c.waitPlain(t, want)
 			}
@@ -159,34 +163,37 @@ func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
 		t.Fatalf("%d cached events, want %d", len(cache), published)
 	}
 	beat := 30 // the events before the heartbeat
-	if !cache[beat].z.start[zGzip] || !cache[beat].z.start[zZstd] {
+	if !cache[beat].z.start[codingGzip] || !cache[beat].z.start[codingZstd] {
 		t.Fatal("the first event after a heartbeat does not start an epoch")
 	}
 	for _, g := range groups {
 		first := int(g.after - g.replay) // index in cache of the first event sent
 		for i, c := range g.z {
+			if c == nil {
+				continue // identity: g.plain
+			}
 			wire := c.wireBytes()
 			sync := first
 			for !cache[sync].z.start[i] {
 				sync++
 			}
 			if sync-first > maxEpoch {
-				t.Errorf("%s/%s: in sync only %d events after joining", g.name, encodingName(i), sync-first)
+				t.Errorf("%s/%s: in sync only %d events after joining", g.name, coding(i), sync-first)
 			}
-			t.Logf("%s/%s: joined before event %d, in sync from event %d", g.name, encodingName(i), first+1, sync+1)
+			t.Logf("%s/%s: joined before event %d, in sync from event %d", g.name, coding(i), first+1, sync+1)
 			for _, run := range [][2]int{{sync, beat}, {max(sync, beat), published}} {
 				if run[0] >= run[1] {
 					continue
 				}
 				var shared []byte
 				for k := run[0]; k < run[1]; k++ {
-					if i == zZstd && k > run[0] && cache[k].z.start[i] {
+					if coding(i) == codingZstd && k > run[0] && cache[k].z.start[i] {
 						shared = append(shared, zstdFrameEnd...)
 					}
 					shared = append(shared, cache[k].z.b[i]...)
 				}
 				if !bytes.Contains(wire, shared) {
-					t.Errorf("%s/%s: the wire does not hold the shared bytes of events %d-%d", g.name, encodingName(i), run[0]+1, run[1])
+					t.Errorf("%s/%s: the wire does not hold the shared bytes of events %d-%d", g.name, coding(i), run[0]+1, run[1])
 				}
 			}
 		}
@@ -210,9 +217,12 @@ func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
 			t.Fatalf("%s: no retry hint at the end: %q", g.name, tail(want))
 		}
 		for i, c := range g.z {
+			if c == nil {
+				continue // identity: g.plain
+			}
 			got, _ := c.state()
 			if gcut := strings.LastIndex(got, "retry: "); gcut != cut || got[:cut] != want[:cut] || !strings.HasSuffix(got, "\n\n") {
-				t.Fatalf("%s/%s decoded %q at the end, its uncompressed twin %q", g.name, encodingName(i), tail(got), tail(want))
+				t.Fatalf("%s/%s decoded %q at the end, its uncompressed twin %q", g.name, coding(i), tail(got), tail(want))
 			}
 		}
 	}
@@ -220,176 +230,6 @@ func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
 	if n := liveSharedEncoders.Load(); n != 0 {
 		t.Fatalf("%d shared zstd encoders not given back", n)
 	}
-}
-
-// benchHub is a hub with n clients of encoding enc ("" for identity),
-// without sockets or Caddy: the hub's publish path and each client's
-// delivery path, as in fanoutClient.run. With perClient, each client has
-// its own compressor (the pass-through path, and fan-out before shared
-// compression) instead of the hub's shared ones.
-type benchHub struct {
-	hb      *hub
-	w       *hubWriter
-	clients []*fanoutClient
-	batch   []*event
-}
-
-func newBenchHub(tb testing.TB, n int, enc string, perClient bool) *benchHub {
-	tb.Helper()
-	h := &Handler{Padding: new(int)}
-	if err := h.Provision(benchContext()); err != nil {
-		tb.Fatal(err)
-	}
-	h.logger = zap.NewNop()
-	hb := newHub("bench", "bench", hubConfig{limits: replayLimits{events: 1000}, ids: "auto", maxEventSize: 1 << 20}, h.logger)
-	bh := &benchHub{hb: hb, w: &hubWriter{hub: hb, header: http.Header{"Content-Type": {"text/event-stream"}}}}
-	for range n {
-		c := &fanoutClient{hub: hb, h: h, queue: 1 << 20, encoding: cmp.Or(enc, encIdentity)}
-		c.out = newClientConn(wireCounter{ResponseWriter: &nullResponse{h: http.Header{}}, n: &c.wire}, 0)
-		switch {
-		case enc == "":
-		case perClient:
-			if err := c.out.compress(enc); err != nil {
-				tb.Fatal(err)
-			}
-		default:
-			c.z = hb.attachShared(enc)
-		}
-		if err := c.writeOwn(time.Now(), h.preludeFor(enc)); err != nil {
-			tb.Fatal(err)
-		}
-		bh.clients = append(bh.clients, c)
-	}
-	return bh
-}
-
-// publish has the hub take one event from its upstream.
-func (bh *benchHub) publish(tb testing.TB, ev []byte) {
-	if _, err := bh.w.Write(ev); err != nil {
-		tb.Fatal(err)
-	}
-}
-
-// deliver has client c write what it has not written yet, as its loop does.
-func (bh *benchHub) deliver(tb testing.TB, c *fanoutClient) {
-	hb := bh.hb
-	hb.mu.Lock()
-	bh.batch, _ = hb.buf.after(bh.batch[:0], c.cursor, maxBatch)
-	if c.z != nil {
-		hb.noteWaitingLocked(c.z, bh.batch)
-	}
-	hb.mu.Unlock()
-	if len(bh.batch) > 0 {
-		if err := c.deliver(time.Now(), bh.batch); err != nil {
-			tb.Fatal(err)
-		}
-	}
-}
-
-// wire is the bytes the clients got, all together.
-func (bh *benchHub) wire() (n int64) {
-	for _, c := range bh.clients {
-		n += c.wire
-	}
-	return n
-}
-
-func (bh *benchHub) close() {
-	for _, c := range bh.clients {
-		if c.z != nil {
-			bh.hb.detachShared(c.z)
-		}
-		c.out.endEncoding(false)
-	}
-	bh.hb.Destruct()
-}
-
-// BenchmarkFanoutDelivery is the CPU of delivering one ~190 B event to
-// 1000 fan-out clients (publish once, then each client writes it), per
-// delivered event, without sockets: uncompressed, with the hub's shared
-// compressors, and with one compressor per client. It also reports how
-// often the event was compressed and the bytes on the wire per plain byte.
-func BenchmarkFanoutDelivery(b *testing.B) {
-	const n = 1000
-	events := realisticEvents(1000)
-	for _, v := range []struct {
-		name, enc string
-		perClient bool
-	}{
-		{"identity", "", false},
-		{"shared-gzip", "gzip", false},
-		{"shared-zstd", "zstd", false},
-		{"perclient-gzip", "gzip", true},
-		{"perclient-zstd", "zstd", true},
-	} {
-		b.Run(v.name, func(b *testing.B) {
-			bh := newBenchHub(b, n, v.enc, v.perClient)
-			defer bh.close()
-			wire0 := bh.wire()
-			before := sharedCompressions.Load()
-			i, plain := 0, 0
-			b.ReportAllocs()
-			for b.Loop() {
-				ev := events[i%len(events)]
-				bh.publish(b, ev)
-				for _, c := range bh.clients {
-					bh.deliver(b, c)
-				}
-				i++
-				plain += len(ev)
-			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(i*n), "ns/delivery")
-			b.ReportMetric(float64(sharedCompressions.Load()-before)/float64(i), "compressions/event")
-			b.ReportMetric(float64(bh.wire()-wire0)/float64(plain*n), "wire/plain")
-			b.ReportMetric(0, "ns/op") // per 1000 deliveries: see ns/delivery
-		})
-	}
-}
-
-// churnRatio sends events to a hub of one client of encoding enc, shared
-// and with a compressor of its own, while another client joins every
-// joinEvery events (0: none) and stays. It returns the wire/plain ratio of
-// all clients together and of the first one, shared and own, and the
-// number of epochs.
-func churnRatio(tb testing.TB, enc string, events [][]byte, joinEvery int) (all, allOwn, first, firstOwn float64, epochs, clients int) {
-	shared := newBenchHub(tb, 1, enc, false)
-	own := newBenchHub(tb, 1, enc, true)
-	defer shared.close()
-	defer own.close()
-	raw, plain := 0, 0
-	for i, ev := range events {
-		if joinEvery > 0 && i%joinEvery == 0 && i > 0 {
-			for _, bh := range []*benchHub{shared, own} {
-				c := &fanoutClient{hub: bh.hb, h: bh.clients[0].h, cursor: bh.hb.seq, queue: 1 << 20, encoding: enc}
-				c.out = newClientConn(wireCounter{ResponseWriter: &nullResponse{h: http.Header{}}, n: &c.wire}, 0)
-				if bh == own {
-					if err := c.out.compress(enc); err != nil {
-						tb.Fatal(err)
-					}
-				} else {
-					c.z = bh.hb.attachShared(enc)
-				}
-				if err := c.writeOwn(time.Now(), nil); err != nil {
-					tb.Fatal(err)
-				}
-				bh.clients = append(bh.clients, c)
-			}
-		}
-		for _, bh := range []*benchHub{shared, own} {
-			bh.publish(tb, ev)
-			for _, c := range bh.clients {
-				bh.deliver(tb, c)
-			}
-		}
-		raw += len(ev) * len(shared.clients)
-		plain += len(ev)
-		if cache := shared.hb.cached(); cache[len(cache)-1].z.start[zIndex(enc)] {
-			epochs++
-		}
-	}
-	return float64(shared.wire()) / float64(raw), float64(own.wire()) / float64(raw),
-		float64(shared.clients[0].wire) / float64(plain), float64(own.clients[0].wire) / float64(plain),
-		epochs, len(shared.clients)
 }
 
 // The ratio kept by sharing, on 1000 realistic events: a client of the
@@ -418,90 +258,6 @@ func TestSharedCompressionRatio(t *testing.T) {
 	}
 }
 
-// BenchmarkSharedCompressionChurn reports the wire/plain ratio of shared
-// compression against compressors of their own while clients keep
-// joining: one more every 100, 20, 5 or 1 of 1000 events.
-func BenchmarkSharedCompressionChurn(b *testing.B) {
-	events := realisticEvents(1000)
-	for _, enc := range []string{"gzip", "zstd"} {
-		for _, joinEvery := range []int{100, 20, 5, 1} {
-			b.Run(fmt.Sprintf("%s/join-every-%d", enc, joinEvery), func(b *testing.B) {
-				all, allOwn, first, firstOwn, epochs, _ := churnRatio(b, enc, events, joinEvery)
-				b.ReportMetric(all, "wire/plain")
-				b.ReportMetric(allOwn, "own-wire/plain")
-				b.ReportMetric(100*(all/allOwn-1), "%over-own")
-				b.ReportMetric(100*(first/firstOwn-1), "first-%over-own")
-				b.ReportMetric(float64(epochs), "epochs")
-				for range b.N {
-				}
-			})
-		}
-	}
-}
-
-// BenchmarkFanoutIdleMemory holds N fan-out clients of one stream open
-// through a real Caddy, uncompressed and compressed, and reports the
-// memory of the whole process (heap after GC plus stacks) per client:
-// Caddy, backend and clients alike, so only differences between the
-// variants mean something. Each client got 20 events before going idle.
-func BenchmarkFanoutIdleMemory(b *testing.B) {
-	const n = 200
-	warm := realisticEvents(20)
-	results := map[string]float64{}
-	for _, ae := range []string{"", "gzip", "zstd"} {
-		name := cmp.Or(ae, "identity")
-		b.Run(name, func(b *testing.B) {
-			e := newEmitter(b)
-			base := startCaddy(b, fanoutRoute(e, map[string]any{"padding": 2048, "heartbeat": "15s"}))
-			tr := &http.Transport{DisableCompression: true, MaxIdleConnsPerHost: -1}
-			defer tr.CloseIdleConnections()
-			emitReady := func() {
-				for _, ev := range warm {
-					e.emit(string(ev))
-				}
-				e.emit("event: ready\ndata: x\n\n")
-			}
-			// One client first, so that the hub and its compressor are not
-			// counted.
-			connected, ready := make(chan error, n+1), make(chan error, n+1)
-			stops := []func(){idleClient(tr, base+"/events", ae, connected, ready)}
-			if err := <-connected; err != nil {
-				b.Fatal(err)
-			}
-			emitReady()
-			if err := <-ready; err != nil {
-				b.Fatal(err)
-			}
-			heap0, stack0 := liveMemory()
-			for range n {
-				stops = append(stops, idleClient(tr, base+"/events", ae, connected, ready))
-			}
-			for range n {
-				if err := <-connected; err != nil {
-					b.Fatal(err)
-				}
-			}
-			emitReady()
-			for range n {
-				if err := <-ready; err != nil {
-					b.Fatal(err)
-				}
-			}
-			results[name] = reportMemoryPer(b, "client", n, heap0, stack0)
-			for range b.N {
-			}
-			for _, stop := range stops {
-				stop()
-			}
-		})
-	}
-	if len(results) == 3 {
-		for _, enc := range []string{"gzip", "zstd"} {
-			b.Logf("fanout/%s: %.1f KiB/client, %+.1f KiB over fanout/identity", enc, results[enc]/1024, (results[enc]-results["identity"])/1024)
-		}
-	}
-}
-
 // The framing of a shared-compression client, without Caddy: own bytes
 // larger than one stored deflate block (65535 B) or one raw zstd block
 // (16 KiB), events larger than that, own bytes inside a shared zstd frame
@@ -518,11 +274,11 @@ func TestSharedWriterFraming(t *testing.T) {
 				t.Fatal(err)
 			}
 			var wire bytes.Buffer
-			c := &fanoutClient{hub: bh.hb, h: h, queue: 1 << 20, encoding: enc}
+			c := &fanoutClient{hub: bh.hb, pol: unboundedPolicy(h), encoding: mustCoding(enc)}
 			c.out = newClientConn(&recordingWriter{header: http.Header{}, buf: &wire}, 0)
-			c.z = bh.hb.attachShared(enc)
+			c.z = bh.hb.attachShared(mustCoding(enc))
 			bh.clients = append(bh.clients, c)
-			prelude := h.preludeFor(enc)
+			prelude := h.preludeFor(mustCoding(enc))
 			if len(prelude) <= gzipStoredMax {
 				t.Fatalf("prelude of %d bytes fits one stored block", len(prelude))
 			}
@@ -548,13 +304,13 @@ func TestSharedWriterFraming(t *testing.T) {
 			}
 			// The first event started an epoch; the client is in sync.
 			cache := bh.hb.cached()
-			if !c.z.synced || !cache[0].z.start[zIndex(enc)] {
+			if !c.z.synced || !cache[0].z.start[mustCoding(enc)] {
 				t.Fatalf("synced %v, first event starts an epoch: %v", c.z.synced, cache[0].z.start)
 			}
 			if enc == "zstd" {
 				// Own raw blocks go into open shared frames: their window
 				// must hold a raw block of the largest size written.
-				fh := cache[0].z.b[zZstd]
+				fh := cache[0].z.b[codingZstd]
 				if !bytes.HasPrefix(fh, zstdOwnFrame[:4]) || fh[4]&0x20 != 0 {
 					t.Fatalf("shared frame header %x", fh[:6])
 				}
@@ -577,7 +333,7 @@ func TestSharedWriterFraming(t *testing.T) {
 				want += string(ev)
 				check(fmt.Sprintf("event %d after the heartbeat", i+1))
 			}
-			if cache := bh.hb.cached(); !cache[len(cache)-3].z.start[zIndex(enc)] || !c.z.synced {
+			if cache := bh.hb.cached(); !cache[len(cache)-3].z.start[mustCoding(enc)] || !c.z.synced {
 				t.Fatal("no epoch start after the heartbeat")
 			}
 			if err := c.z.end(&c.out); err != nil {
@@ -588,4 +344,50 @@ func TestSharedWriterFraming(t *testing.T) {
 			}
 		})
 	}
+}
+
+// churnRatio sends events to a hub of one client of encoding enc, shared
+// and with a compressor of its own, while another client joins every
+// joinEvery events (0: none) and stays. It returns the wire/plain ratio of
+// all clients together and of the first one, shared and own, and the
+// number of epochs.
+func churnRatio(tb testing.TB, enc string, events [][]byte, joinEvery int) (all, allOwn, first, firstOwn float64, epochs, clients int) {
+	shared := newBenchHub(tb, 1, enc, false)
+	own := newBenchHub(tb, 1, enc, true)
+	defer shared.close()
+	defer own.close()
+	raw, plain := 0, 0
+	for i, ev := range events {
+		if joinEvery > 0 && i%joinEvery == 0 && i > 0 {
+			for _, bh := range []*benchHub{shared, own} {
+				c := &fanoutClient{hub: bh.hb, pol: bh.clients[0].pol, cursor: bh.hb.seq, encoding: mustCoding(enc)}
+				c.out = newClientConn(wireCounter{ResponseWriter: &nullResponse{h: http.Header{}}, n: &c.wire}, 0)
+				if bh == own {
+					if err := c.out.compress(mustCoding(enc)); err != nil {
+						tb.Fatal(err)
+					}
+				} else {
+					c.z = bh.hb.attachShared(mustCoding(enc))
+				}
+				if err := c.writeOwn(time.Now(), nil); err != nil {
+					tb.Fatal(err)
+				}
+				bh.clients = append(bh.clients, c)
+			}
+		}
+		for _, bh := range []*benchHub{shared, own} {
+			bh.publish(tb, ev)
+			for _, c := range bh.clients {
+				bh.deliver(tb, c)
+			}
+		}
+		raw += len(ev) * len(shared.clients)
+		plain += len(ev)
+		if cache := shared.hb.cached(); cache[len(cache)-1].z.start[mustCoding(enc)] {
+			epochs++
+		}
+	}
+	return float64(shared.wire()) / float64(raw), float64(own.wire()) / float64(raw),
+		float64(shared.clients[0].wire) / float64(plain), float64(own.clients[0].wire) / float64(plain),
+		epochs, len(shared.clients)
 }

@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -17,10 +17,6 @@ import (
 // errStreamEnded is the cause given to a stream's context when the plugin
 // ended the stream itself (max_age, shutdown); writes after it fail with it.
 var errStreamEnded = errors.New("sse: stream ended by the plugin")
-
-// pendingKeep is the capacity of the unfinished-event buffer kept between
-// events; a buffer grown larger by a big event is released after it.
-const pendingKeep = 64 << 10
 
 // responseWriter wraps the response of the next handlers and decides, when
 // the header is written, whether it is an event stream.
@@ -61,22 +57,15 @@ func (rw *responseWriter) WriteHeader(status int) {
 	rw.stream = rw.h.startStream(rw.ResponseWriter, rw.req, status, rw.cancel, encoding)
 }
 
-// isEventStream reports whether a response with this status and header is
-// an event stream the plugin can read.
+// isEventStream reports whether the response is an event stream the
+// plugin can read, and warns about one the backend compressed itself.
 func (rw *responseWriter) isEventStream(status int) bool {
-	if status < 200 || status > 299 || status == http.StatusNoContent || status == http.StatusResetContent {
-		return false
-	}
-	hdr := rw.Header()
-	if !isEventStreamType(hdr.Get("Content-Type")) {
-		return false
-	}
-	if ce := hdr.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+	ok, ce := isEventStream(status, rw.Header())
+	if ce != "" {
 		rw.h.logger.Warn("backend sent a compressed event stream; passing it through without per-event flushing or heartbeats",
 			zap.String("content_encoding", ce), zap.String("path", rw.req.URL.Path))
-		return false
 	}
-	return true
+	return ok
 }
 
 func (rw *responseWriter) Write(p []byte) (int, error) {
@@ -123,116 +112,6 @@ func (rw *responseWriter) Flush() { _ = rw.FlushError() }
 
 type writerOnly struct{ io.Writer }
 
-// prepareStreamHeader turns off buffering and caching for a stream.
-func prepareStreamHeader(hdr http.Header, protoMajor int) {
-	hdr.Del("Content-Length")
-	cc := hdr.Get("Cache-Control")
-	switch {
-	case cc == "":
-		hdr.Set("Cache-Control", "no-cache, no-transform")
-	case !strings.Contains(strings.ToLower(cc), "no-transform"):
-		hdr.Set("Cache-Control", cc+", no-transform")
-	}
-	hdr.Set("X-Accel-Buffering", "no")
-	if protoMajor >= 2 {
-		for _, h := range []string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade"} {
-			hdr.Del(h)
-		}
-	}
-}
-
-// clientConn writes to one client. It bounds every write by the write
-// timeout and flushes through http.ResponseController, so it works behind
-// any wrapping middleware that keeps Unwrap.
-type clientConn struct {
-	w        http.ResponseWriter
-	rc       *http.ResponseController
-	timeout  time.Duration
-	deadline time.Time // write deadline now set on the connection
-	enc      encoder   // compresses what is written, or nil (compress.go)
-}
-
-func newClientConn(w http.ResponseWriter, timeout time.Duration) clientConn {
-	rc := http.NewResponseController(w)
-	// A stream never ends, so the server's own read and write timeouts
-	// would cut it; each write gets its own deadline instead.
-	_ = rc.SetReadDeadline(time.Time{})
-	_ = rc.SetWriteDeadline(time.Time{})
-	return clientConn{w: w, rc: rc, timeout: timeout}
-}
-
-// liftServerTimeouts frees a stream from the server's read_timeout,
-// write_timeout and minimum rates. Caddy's idle-timeout wrappers keep them
-// as a ceiling under any deadline a handler sets, so every stream would
-// end read_timeout or write_timeout after it began (and a trickle of
-// events never keeps up a minimum rate). Their idle timeouts, which bound
-// each read and write, stay; so does the plugin's own write_timeout.
-// Called once the response is known to be a stream, before its first
-// write.
-func liftServerTimeouts(ctx context.Context) {
-	reader, writer := caddyhttp.IdleTimeoutsFromContext(ctx)
-	if reader != nil {
-		reader.Deadline.HardDeadline = time.Time{}
-		reader.Deadline.MinRate = 0
-	}
-	if writer != nil {
-		writer.Deadline.HardDeadline = time.Time{}
-		writer.Deadline.MinRate = 0
-	}
-}
-
-// arm makes sure the next write has at least half the write timeout left,
-// without touching the connection's deadline on every write.
-func (c *clientConn) arm(now time.Time) error {
-	if c.timeout <= 0 || c.deadline.Sub(now) >= c.timeout/2 {
-		return nil
-	}
-	c.deadline = now.Add(c.timeout)
-	err := c.rc.SetWriteDeadline(c.deadline)
-	if errors.Is(err, http.ErrNotSupported) {
-		c.timeout = 0 // no deadline support (a test recorder); nothing to arm
-		return nil
-	}
-	return err
-}
-
-// write writes p to the client without flushing it, so that a backlog of
-// events can go out with one flush.
-func (c *clientConn) write(now time.Time, p []byte) error {
-	if err := c.arm(now); err != nil {
-		return err
-	}
-	if c.enc != nil {
-		_, err := c.enc.Write(p)
-		return err
-	}
-	_, err := c.w.Write(p)
-	return err
-}
-
-// flush pushes everything written (and the header) to the client; a
-// compressed stream gets one sync flush of its encoder.
-func (c *clientConn) flush() error {
-	if c.enc != nil {
-		if err := c.enc.Flush(); err != nil {
-			return err
-		}
-	}
-	return c.rc.Flush()
-}
-
-// writeFlush writes p (if any) and flushes.
-func (c *clientConn) writeFlush(now time.Time, p []byte) error {
-	if len(p) > 0 {
-		if err := c.write(now, p); err != nil {
-			return err
-		}
-	} else if err := c.arm(now); err != nil {
-		return err
-	}
-	return c.flush()
-}
-
 // Why a stream ended, for logs and for the bytes written at the end.
 type endReason string
 
@@ -256,11 +135,9 @@ type stream struct {
 
 	mu            sync.Mutex
 	out           clientConn
-	scan          eventScanner
-	pending       []byte // the unfinished event, held until its end
-	midEvent      bool   // part of an unfinished event is on the wire
+	frame         sse.Framer // events, and the unfinished one held until its end
+	midEvent      bool       // part of an unfinished event is on the wire
 	warnedSize    bool
-	forwarded     bool // some backend bytes reached the client
 	lastWrite     time.Time
 	closed        bool
 	endAtBoundary endReason // end requested while midEvent
@@ -273,7 +150,7 @@ type stream struct {
 }
 
 // startStream writes the stream's header and prelude and starts its timers.
-func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int, cancel context.CancelCauseFunc, encoding string) *stream {
+func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int, cancel context.CancelCauseFunc, encoding coding) *stream {
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	s := &stream{
 		h:       h,
@@ -286,11 +163,11 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 	s.out = newClientConn(s.countWire(w), time.Duration(h.WriteTimeout))
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if encoding != "" {
+	if encoding != codingIdentity {
 		if err := s.out.compress(encoding); err != nil {
-			s.logger.Error("cannot compress the stream; sending it uncompressed", zap.String("encoding", encoding), zap.Error(err))
+			s.logger.Error("cannot compress the stream; sending it uncompressed", zap.Stringer("encoding", encoding), zap.Error(err))
 			w.Header().Del("Content-Encoding")
-			encoding = ""
+			encoding = codingIdentity
 		}
 	}
 	s.obs.encoding = encoding
@@ -309,8 +186,7 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 		s.heartbeat = time.AfterFunc(h.heartbeatEvery, s.onHeartbeat)
 	}
 	if h.MaxAge > 0 {
-		age := time.Duration(float64(h.MaxAge) * (0.8 + 0.2*rand.Float64()))
-		s.maxAge = time.AfterFunc(age, func() { s.end(endMaxAge) })
+		s.maxAge = time.AfterFunc(jitter(time.Duration(h.MaxAge)), func() { s.end(endMaxAge) })
 	}
 	if c := s.logger.Check(zap.DebugLevel, "stream started"); c != nil {
 		c.Write()
@@ -329,7 +205,7 @@ func (s *stream) Write(p []byte) (int, error) {
 	}
 	end, count := 0, 0
 	for off := 0; off < len(p); {
-		n, complete := s.scan.next(p[off:])
+		n, complete := s.frame.Next(p[off:])
 		off += n
 		if complete {
 			end, count = off, count+1
@@ -358,7 +234,7 @@ func (s *stream) Write(p []byte) (int, error) {
 		if err := s.forwardLocked(rest); err != nil {
 			return end, err
 		}
-	case len(s.pending)+len(rest) > s.h.MaxEventSize:
+	case s.frame.Held()+len(rest) > s.h.MaxEventSize:
 		if !s.warnedSize {
 			s.warnedSize = true
 			s.logger.Warn("event larger than max_event_size; streaming the rest of it unbuffered",
@@ -369,30 +245,15 @@ func (s *stream) Write(p []byte) (int, error) {
 		}
 		s.midEvent = true
 	default:
-		s.pending = append(s.pending, rest...)
+		s.frame.Hold(rest)
 	}
 	return len(p), nil
 }
 
 // forwardLocked sends what is held plus chunk to the client, and flushes.
 func (s *stream) forwardLocked(chunk []byte) error {
-	buf := chunk
-	if len(s.pending) > 0 {
-		s.pending = append(s.pending, chunk...)
-		buf = s.pending
-	}
-	if !s.forwarded {
-		s.forwarded = true
-		if s.scan.sawBOM() {
-			buf = buf[3:] // the prelude went first; a BOM after it would join the first field name
-		}
-	}
-	err := s.writeLocked(buf)
-	if cap(s.pending) > pendingKeep {
-		s.pending = nil
-	} else {
-		s.pending = s.pending[:0]
-	}
+	err := s.writeLocked(s.frame.Take(chunk))
+	s.frame.Release()
 	return err
 }
 
@@ -426,11 +287,11 @@ func (s *stream) end(reason endReason) {
 }
 
 func (s *stream) endLocked(reason endReason) {
-	if len(s.pending) > 0 {
+	if s.frame.Held() > 0 {
 		if c := s.logger.Check(zap.WarnLevel, "dropping an unfinished event at the end of the stream"); c != nil {
-			c.Write(zap.Int("bytes", len(s.pending)), zap.String("reason", string(reason)))
+			c.Write(zap.Int("bytes", s.frame.Held()), zap.String("reason", string(reason)))
 		}
-		s.pending = s.pending[:0]
+		s.frame.Release()
 	}
 	if len(s.h.retryHint) > 0 && s.writeLocked(s.h.retryHint) != nil {
 		return // closed by the failed write
@@ -467,9 +328,9 @@ func (s *stream) finish() (endedByPlugin bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.closed {
-		if len(s.pending) > 0 {
+		if s.frame.Held() > 0 {
 			s.logger.Warn("backend ended the stream in the middle of an event; EventSource discards it",
-				zap.Int("bytes", len(s.pending)))
+				zap.Int("bytes", s.frame.Held()))
 			_ = s.forwardLocked(nil)
 		}
 		s.closeLocked(endBackend, nil)
@@ -489,4 +350,37 @@ func remoteIP(r *http.Request) string {
 		return ip
 	}
 	return r.RemoteAddr
+}
+
+// onHeartbeat runs on the stream's heartbeat timer. Writes do not reset the
+// timer (that would cost a timer update per event); they record the time,
+// and the timer, when it fires early, re-arms itself for the rest of the
+// idle interval. So there is one timer per stream and no polling.
+func (s *stream) onHeartbeat() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	every := s.h.heartbeatEvery
+	idle := time.Since(s.lastWrite)
+	if idle < every {
+		s.heartbeat.Reset(every - idle)
+		return
+	}
+	if s.midEvent {
+		// Part of an event is on the wire: a comment now would land inside
+		// it. The next write completes or continues the event anyway.
+		s.heartbeat.Reset(every)
+		return
+	}
+	if err := s.writeLocked(s.h.heartbeatBytes); err != nil {
+		if c := s.logger.Check(zap.DebugLevel, "heartbeat write failed; client gone"); c != nil {
+			c.Write(zap.Error(err))
+		}
+		return
+	}
+	s.heartbeats++
+	s.h.metrics.heartbeatsSent(modePassthrough, 1)
+	s.heartbeat.Reset(every)
 }

@@ -1,4 +1,4 @@
-package caddysse
+package sse
 
 import (
 	"bytes"
@@ -20,7 +20,7 @@ import (
 type refEvent struct {
 	start, end int
 	crlf       bool // the blank line ended in CRLF (so a read split between CR and LF moves the LF to the next event)
-	info       eventInfo
+	info       Event
 }
 
 type refResult struct {
@@ -36,7 +36,7 @@ func refParse(in []byte) refResult {
 		r.bom, pos = true, 3
 	}
 	evStart := 0
-	cur := eventInfo{retry: -1}
+	cur := Event{retry: -1}
 	for {
 		// "CRLF, a single LF not preceded by a CR, and a single CR not
 		// followed by an LF are the ways in which a line can end."
@@ -54,7 +54,7 @@ func refParse(in []byte) refResult {
 		pos = after
 		if len(line) == 0 { // dispatch
 			r.events = append(r.events, refEvent{start: evStart, end: after, crlf: crlf, info: cur})
-			cur, evStart = eventInfo{retry: -1}, after
+			cur, evStart = Event{retry: -1}, after
 			continue
 		}
 		if line[0] == ':' {
@@ -71,8 +71,8 @@ func refParse(in []byte) refResult {
 		case "id":
 			if !bytes.Contains(value, []byte{0}) {
 				cur.hasID, cur.idTooLong, cur.id = true, false, bytes.Clone(value)
-				if len(value) > maxIDLen {
-					cur.idTooLong, cur.id = true, bytes.Clone(value[:maxIDLen])
+				if len(value) > MaxIDLen {
+					cur.idTooLong, cur.id = true, bytes.Clone(value[:MaxIDLen])
 				}
 			}
 		case "retry":
@@ -127,7 +127,7 @@ func expectFor(r refResult, n int, cuts []int) (evs []scanEvent, tailSize int) {
 
 type scanEvent struct {
 	end  int // absolute offset just after the event
-	info eventInfo
+	info Event
 }
 
 func (e scanEvent) String() string {
@@ -153,7 +153,7 @@ type scanResult struct {
 // each in (0, len(in))), checking the contract of next on every call.
 func feed(t testing.TB, in []byte, cuts []int) (res scanResult, ok bool) {
 	t.Helper()
-	var s eventScanner
+	var s Scanner
 	off, last := 0, 0
 	prev := 0
 	bounds := append(slices.Clone(cuts), len(in))
@@ -161,7 +161,7 @@ func feed(t testing.TB, in []byte, cuts []int) (res scanResult, ok bool) {
 		p := in[prev:c]
 		prev = c
 		for len(p) > 0 {
-			n, complete := s.next(p)
+			n, complete := s.Next(p)
 			switch {
 			case n < 0 || n > len(p):
 				t.Errorf("next(%q) consumed %d bytes", p, n)
@@ -176,7 +176,7 @@ func feed(t testing.TB, in []byte, cuts []int) (res scanResult, ok bool) {
 			off += n
 			p = p[n:]
 			if complete {
-				ev := s.event()
+				ev := s.Event()
 				if ev.size != off-last {
 					t.Errorf("event ending at %d: size %d, but %d bytes since the previous boundary", off, ev.size, off-last)
 					return res, false
@@ -191,10 +191,10 @@ func feed(t testing.TB, in []byte, cuts []int) (res scanResult, ok bool) {
 			}
 		}
 	}
-	if n, complete := s.next(nil); n != 0 || complete {
+	if n, complete := s.Next(nil); n != 0 || complete {
 		t.Errorf("next(nil) = %d, %v", n, complete)
 	}
-	res.inEvent, res.sawBOM = s.inEvent(), s.sawBOM()
+	res.inEvent, res.sawBOM = s.inEvent(), s.SawBOM()
 	return res, true
 }
 
@@ -259,7 +259,7 @@ type want struct {
 }
 
 func (w want) event(prevEnd int) scanEvent {
-	info := eventInfo{hasID: w.hasID, idTooLong: w.idTooLong, hasData: w.hasData, hasFields: w.hasFields,
+	info := Event{hasID: w.hasID, idTooLong: w.idTooLong, hasData: w.hasData, hasFields: w.hasFields,
 		retry: -1, leadingLF: w.leadingLF, size: w.end - prevEnd}
 	if w.hasID {
 		info.id = []byte(w.id)
@@ -276,7 +276,7 @@ func (w want) event(prevEnd int) scanEvent {
 
 var (
 	long300 = strings.Repeat("x", 300)
-	long256 = strings.Repeat("y", maxIDLen)
+	long256 = strings.Repeat("y", MaxIDLen)
 )
 
 var scannerCases = []struct {
@@ -352,13 +352,13 @@ var scannerCases = []struct {
 		want: []want{{end: 15, id: "4", hasID: true, hasFields: true}}},
 	{name: "id resets per event", in: "id: 1\n\ndata\n\n",
 		want: []want{{end: 7, id: "1", hasID: true, hasFields: true}, {end: 13, hasData: true, hasFields: true}}},
-	{name: "id of maxIDLen", in: "id: " + long256 + "\n\n",
-		want: []want{{end: 4 + maxIDLen + 2, id: long256, hasID: true, hasFields: true}}},
-	{name: "id over maxIDLen", in: "id: " + long300 + "\n\n",
-		want: []want{{end: 306, id: long300[:maxIDLen], hasID: true, idTooLong: true, hasFields: true}}},
+	{name: "id of MaxIDLen", in: "id: " + long256 + "\n\n",
+		want: []want{{end: 4 + MaxIDLen + 2, id: long256, hasID: true, hasFields: true}}},
+	{name: "id over MaxIDLen", in: "id: " + long300 + "\n\n",
+		want: []want{{end: 306, id: long300[:MaxIDLen], hasID: true, idTooLong: true, hasFields: true}}},
 	{name: "long id then short id", in: "id: " + long300 + "\nid: 7\n\n",
 		want: []want{{end: 312, id: "7", hasID: true, hasFields: true}}},
-	{name: "id over maxIDLen with NUL past the limit", in: "id: " + long300 + "\x00\n\n",
+	{name: "id over MaxIDLen with NUL past the limit", in: "id: " + long300 + "\x00\n\n",
 		want: []want{{end: 307, hasFields: true}}},
 	{name: "id split", in: "id: abc\n\n", cuts: []int{3, 4, 5},
 		want: []want{{end: 9, id: "abc", hasID: true, hasFields: true}}},
@@ -429,7 +429,7 @@ func TestScannerCases(t *testing.T) {
 // TestScannerLeadingLF follows a lone-CR boundary call by call: reported
 // at once, and the LF arriving later is that CR's partner, not a line.
 func TestScannerLeadingLF(t *testing.T) {
-	var s eventScanner
+	var s Scanner
 	steps := []struct {
 		p        string
 		n        int
@@ -442,7 +442,7 @@ func TestScannerLeadingLF(t *testing.T) {
 		{"\ndata: c\n\n", 1 + 8 + 1, true, false},
 		{"\n", 1, true, false}, // a real blank line: an LF after LF is not a partner
 	}
-	wantInfo := []eventInfo{
+	wantInfo := []Event{
 		{hasData: true, hasFields: true, retry: -1, size: 9},
 		{},
 		{hasData: true, hasFields: true, retry: -1, size: 11, leadingLF: true},
@@ -450,13 +450,13 @@ func TestScannerLeadingLF(t *testing.T) {
 		{retry: -1, size: 1},
 	}
 	for i, st := range steps {
-		n, complete := s.next([]byte(st.p))
+		n, complete := s.Next([]byte(st.p))
 		if n != st.n || complete != st.complete || s.inEvent() != st.inEvent {
 			t.Fatalf("step %d: next(%q) = %d, %v (inEvent %v); want %d, %v (inEvent %v)",
 				i, st.p, n, complete, s.inEvent(), st.n, st.complete, st.inEvent)
 		}
 		if complete {
-			got := s.event()
+			got := s.Event()
 			if w := wantInfo[i]; !sameEvent(scanEvent{info: got}, scanEvent{info: w}) {
 				t.Errorf("step %d: event %v, want %v", i, scanEvent{info: got}, scanEvent{info: w})
 			}
@@ -584,11 +584,11 @@ func TestScannerUnboundedLines(t *testing.T) {
 	for range 5 {
 		checkAgainstRef(t, in, ref, randomCuts(rng, len(in)))
 	}
-	var s eventScanner
+	var s Scanner
 	if n := testing.AllocsPerRun(5, func() {
-		s = eventScanner{}
+		s = Scanner{}
 		for p := in; len(p) > 0; {
-			n, _ := s.next(p)
+			n, _ := s.Next(p)
 			p = p[n:]
 		}
 	}); n != 0 {
@@ -598,12 +598,12 @@ func TestScannerUnboundedLines(t *testing.T) {
 
 func TestScannerAllocs(t *testing.T) {
 	stream, _ := benchStream(200)
-	var s eventScanner
+	var s Scanner
 	allocs := testing.AllocsPerRun(20, func() {
 		for p := stream; len(p) > 0; {
-			n, complete := s.next(p)
+			n, complete := s.Next(p)
 			if complete {
-				_ = s.event()
+				_ = s.Event()
 			}
 			p = p[n:]
 		}
@@ -636,12 +636,12 @@ func benchmarkChunks(b *testing.B, chunks [][]byte, events int) {
 	}
 	b.SetBytes(int64(total))
 	b.ReportAllocs()
-	var s eventScanner
+	var s Scanner
 	got := 0
 	for b.Loop() {
 		for _, c := range chunks {
 			for len(c) > 0 {
-				n, complete := s.next(c)
+				n, complete := s.Next(c)
 				c = c[n:]
 				if complete {
 					got++

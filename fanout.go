@@ -1,0 +1,338 @@
+package caddysse
+
+import (
+	"errors"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// Fan-out defaults.
+const (
+	defaultBufferEvents = 1000
+	defaultBufferBytes  = 8 << 20
+	defaultLinger       = 30 * time.Second
+	defaultClientQueue  = 256
+	defaultResetEvent   = "sse-reset"
+	maxBatch            = 256 // events written to a client before one flush
+	maxBackoff          = 30 * time.Second
+)
+
+// Fanout shares one upstream stream among all clients with the same key,
+// and answers Last-Event-ID reconnects from a replay cache, so that even a
+// backend that knows nothing of Last-Event-ID gets loss-free resume.
+type Fanout struct {
+	// Key decides which requests share one upstream stream; Caddy
+	// placeholders are expanded per request. By default (streamkey.go)
+	// requests share only if the backend could not tell them apart: the
+	// key covers method, scheme, host, path, query, the TLS client
+	// certificate and every request header except a short list that
+	// carries no identity (Accept, User-Agent, ...; see the README). The
+	// client IP is not part of it. A key you set replaces all of that, to
+	// widen sharing on purpose: everyone whose requests give the same key
+	// shares one stream, whatever their credentials. {sse.default_key}
+	// in it stands for the default key, to narrow it instead, e.g. by
+	// client IP: "{sse.default_key} {client_ip}".
+	Key string `json:"key,omitempty"`
+
+	// BufferEvents bounds the replay cache by count. Default: 1000.
+	BufferEvents int `json:"buffer_events,omitempty"`
+
+	// BufferBytes bounds the replay cache by size. Default: 8 MiB.
+	BufferBytes int `json:"buffer_bytes,omitempty"`
+
+	// BufferAge bounds the replay cache by age. Default: no age bound.
+	BufferAge caddy.Duration `json:"buffer_age,omitempty"`
+
+	// Linger keeps the upstream open this long after the last client left,
+	// so that reconnects and reloads find it (and its cache) still there.
+	// Default: 30s. 0 closes it at once.
+	Linger *caddy.Duration `json:"linger,omitempty"`
+
+	// IDs says which event ids clients see. "auto" (default): the
+	// backend's ids where it sends them, otherwise ids the plugin assigns,
+	// so that browsers send them back on reconnect. "upstream": only the
+	// backend's. "synthesize": always the plugin's own.
+	IDs string `json:"ids,omitempty"`
+
+	// ReplayOnConnect is how many cached events a new client (one without
+	// Last-Event-ID) is sent before the live stream. Default: 0.
+	ReplayOnConnect int `json:"replay_on_connect,omitempty"`
+
+	// OnUnknownID says what happens when a client's Last-Event-ID is not
+	// in the cache (unknown, or evicted). "reset" (default): the client
+	// joins the live stream and is first sent an event of type ResetEvent,
+	// whose data is the id it asked for, so that a page can refetch its
+	// state (EventSource cannot read response headers). "backend": the
+	// request goes to the backend by itself, with its Last-Event-ID, for
+	// backends that can resume. Never "resend everything".
+	OnUnknownID string `json:"on_unknown_id,omitempty"`
+
+	// ResetEvent is the event type of the reset event. Default: sse-reset.
+	ResetEvent string `json:"reset_event,omitempty"`
+
+	// ClientQueue is how many events a client may fall behind the live
+	// stream before it is disconnected (it reconnects and catches up from
+	// the cache), so one slow reader never holds back the others.
+	// Default: 256.
+	ClientQueue int `json:"client_queue,omitempty"`
+
+	// MaxClients limits the clients of one key; MaxClientsTotal those of
+	// this handler. Past a limit a client gets 503 with Retry-After.
+	// Default: 0, no limit.
+	MaxClients      int `json:"max_clients,omitempty"`
+	MaxClientsTotal int `json:"max_clients_total,omitempty"`
+
+	// AnyAccept lets GET requests fan out whatever their Accept header,
+	// as long as it admits an event stream: none, */*, text/* or
+	// text/event-stream (not with q=0). By default only requests that
+	// name text/event-stream, as EventSource does, join a hub; curl and
+	// fetch-based clients, which send */*, get one upstream each and no
+	// replay. Requests that ask for something else (application/json)
+	// never fan out, so that their answer cannot become the hub's
+	// upstream request. A response that is not a stream still passes
+	// through. Default: false.
+	AnyAccept bool `json:"any_accept,omitempty"`
+}
+
+// fanoutRuntime is a handler's fan-out state at run time, kept out of the
+// JSON config. A hub knows the handlers that can run its upstream by it
+// (hub.sources), never by the Handler itself.
+type fanoutRuntime struct {
+	policy     *clientPolicy
+	poolPrefix string       // the hub settings, which are part of every pool key
+	clients    atomic.Int64 // connected clients of this handler
+}
+
+// clientPolicy is what a fan-out client needs of its handler's
+// configuration, handed to it when admitted: the client holds no Handler.
+type clientPolicy struct {
+	logger         *zap.Logger
+	metrics        *sseMetrics
+	streams        *streamSet    // the handler's live streams, ended at shutdown
+	clients        *atomic.Int64 // the handler's client count, for max_clients_total
+	queue          uint64        // client_queue
+	heartbeatBytes []byte
+	retry          time.Duration // the configured retry, 0 for none
+	retryHint      []byte
+	maxAge         time.Duration
+	writeTimeout   time.Duration
+	linger         time.Duration
+}
+
+// newClientPolicy is the policy of this handler's fan-out clients; it runs
+// in Provision. Without fanout (benchmarks build clients that way), the
+// defaults apply.
+func (h *Handler) newClientPolicy(clients *atomic.Int64) *clientPolicy {
+	p := &clientPolicy{
+		logger:         h.logger,
+		metrics:        h.metrics,
+		streams:        h.streams,
+		clients:        clients,
+		queue:          defaultClientQueue,
+		heartbeatBytes: h.heartbeatBytes,
+		retry:          time.Duration(h.Retry),
+		retryHint:      h.retryHint,
+		maxAge:         time.Duration(h.MaxAge),
+		writeTimeout:   time.Duration(h.WriteTimeout),
+	}
+	if f := h.Fanout; f != nil {
+		p.queue = uint64(f.ClientQueue)
+		p.linger = defaultLinger
+		if f.Linger != nil {
+			p.linger = time.Duration(*f.Linger)
+		}
+	}
+	return p
+}
+
+func (f *Fanout) provision() {
+	if f.BufferEvents == 0 {
+		f.BufferEvents = defaultBufferEvents
+	}
+	if f.BufferBytes == 0 {
+		f.BufferBytes = defaultBufferBytes
+	}
+	if f.IDs == "" {
+		f.IDs = "auto"
+	}
+	if f.OnUnknownID == "" {
+		f.OnUnknownID = "reset"
+	}
+	if f.ResetEvent == "" {
+		f.ResetEvent = defaultResetEvent
+	}
+	if f.ClientQueue == 0 {
+		f.ClientQueue = defaultClientQueue
+	}
+}
+
+// fanoutKey is the stream key of a request (see Fanout.Key).
+func (h *Handler) fanoutKey(r *http.Request) string {
+	if h.Fanout.Key != "" {
+		return templateKey(r, h.Fanout.Key) // streamkey.go
+	}
+	return streamKey(r) // streamkey.go
+}
+
+// hubConfig is what a hub needs of its handler's configuration. Handlers
+// share a hub only when they agree on it (it is part of the pool key).
+type hubConfig struct {
+	limits       replayLimits
+	ids          string
+	maxEventSize int
+	heartbeat    time.Duration
+}
+
+func (h *Handler) hubConfig() hubConfig {
+	return hubConfig{
+		limits:       replayLimits{events: h.Fanout.BufferEvents, bytes: h.Fanout.BufferBytes, age: time.Duration(h.Fanout.BufferAge)},
+		ids:          h.Fanout.IDs,
+		maxEventSize: h.MaxEventSize,
+		heartbeat:    h.heartbeatEvery,
+	}
+}
+
+// errTooManyClients answers a client past a max_clients limit.
+var errTooManyClients = errors.New("sse: too many clients for this stream")
+
+// serveFanout serves one client from the hub of its key.
+func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	f, run := h.Fanout, h.fan
+	if n := run.clients.Add(1); f.MaxClientsTotal > 0 && n > int64(f.MaxClientsTotal) {
+		run.clients.Add(-1)
+		return h.refuse(w, "max_clients_total")
+	}
+	c := &fanoutClient{pol: run.policy}
+	// Whoever ends the stream releases the client: this request, or the
+	// hub's delivery loop once the connection is handed to it (detach.go).
+	defer func() {
+		if !c.detached {
+			c.release()
+		}
+	}()
+
+	key := h.fanoutKey(r)
+	cfg := h.hubConfig()
+	poolKey := run.poolPrefix + key
+	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
+		return newHub(poolKey, h.hashKey(key), cfg, h.logger), nil
+	})
+	if err != nil {
+		return err
+	}
+	hb := v.(*hub)
+	c.hub = hb
+
+	joinedAt, ok := hb.join(run, f.MaxClients, r, next)
+	if !ok {
+		return h.refuse(w, "max_clients")
+	}
+	c.joined = true
+
+	header, status, ok := hb.waitStream(r.Context())
+	if !ok {
+		if r.Context().Err() != nil {
+			return nil // the client left while the upstream connected
+		}
+		// The backend did not answer with a stream: let this client's own
+		// request get the backend's answer.
+		c.leave()
+		return h.servePassthrough(w, r, next)
+	}
+	lastID := r.Header.Get("Last-Event-ID")
+	cursor, behind, reset, found := hb.position(lastID, f.ReplayOnConnect, joinedAt)
+	switch {
+	case found:
+		h.metrics.replayServed(int(behind))
+	case lastID != "":
+		h.metrics.replayMissed()
+	}
+	if lastID != "" && !found && f.OnUnknownID == "backend" {
+		c.leave()
+		return h.servePassthrough(w, r, next)
+	}
+	c.cursor = cursor
+
+	copyStreamHeader(w.Header(), header)
+	prepareStreamHeader(w.Header(), r.ProtoMajor)
+	encoding := h.negotiateStream(w.Header(), clientAcceptEncoding(r))
+	c.encoding = encoding
+	c.sub = &subscriber{ended: make(chan struct{}), poke: c.poke}
+	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
+	if !h.streams.add(c.sub, srv) {
+		c.sub = nil
+		return caddyhttp.Error(http.StatusServiceUnavailable, errStreamEnded) // shutting down
+	}
+	// A compressed client writes what the hub's shared compressor encoded
+	// once for all clients (compress.go); it holds no compressor itself.
+	c.z = hb.attachShared(encoding)
+	first := h.preludeFor(encoding)
+	if reset {
+		first = append(append([]byte(nil), first...), sse.ResetEvent(f.ResetEvent, lastID)...)
+		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")
+	}
+	liftServerTimeouts(r.Context())
+	if c.detach(w, r, status, first) {
+		return nil
+	}
+	if !c.headerSent {
+		w.WriteHeader(status)
+	}
+	c.out = newClientConn(wireCounter{ResponseWriter: belowIdleTimeout(r.Context(), w), n: &c.wire}, time.Duration(h.WriteTimeout))
+	err = c.run(r.Context(), first)
+	c.endEncoding()
+	return err
+}
+
+// refuse answers a client past a limit: 503 with Retry-After.
+func (h *Handler) refuse(w http.ResponseWriter, limit string) error {
+	h.logger.Warn("refusing a client: fan-out limit reached", zap.String("limit", limit))
+	h.metrics.clientRefused(limit)
+	retry := max(time.Duration(h.Retry), time.Second)
+	w.Header().Set("Retry-After", strconv.Itoa(int((retry+time.Second-1)/time.Second)))
+	return caddyhttp.Error(http.StatusServiceUnavailable, errTooManyClients)
+}
+
+// release drops a client's reference to the hub after linger, so that
+// the hub, its upstream and its cache outlive a reconnect or a reload.
+func (p *clientPolicy) release(hb *hub) {
+	if p.linger <= 0 {
+		hubs.Delete(hb.poolKey)
+		return
+	}
+	time.AfterFunc(p.linger, func() { hubs.Delete(hb.poolKey) })
+}
+
+// hopHeaders are not copied from the upstream's response to clients.
+var hopHeaders = []string{"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Te", "Trailer", "Transfer-Encoding", "Upgrade", "Content-Length", "Set-Cookie"}
+
+func copyStreamHeader(dst, src http.Header) {
+	for k, v := range src {
+		dst[k] = append([]string(nil), v...)
+	}
+	for _, k := range hopHeaders {
+		dst.Del(k)
+	}
+}
+
+// cleanupFanout runs at the handler's Cleanup.
+// Every hub this handler may be a source of is asked: the hubs are few,
+// and so no handler keeps a list that hubs would have to update.
+func (h *Handler) cleanupFanout() {
+	var list []*hub
+	hubs.Range(func(_, v any) bool {
+		list = append(list, v.(*hub))
+		return true
+	})
+	for _, hb := range list { // not under the pool's lock
+		hb.dropSource(h.fan)
+	}
+}

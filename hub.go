@@ -1,0 +1,337 @@
+package caddysse
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// hubs holds the fan-out hubs and their replay caches. A UsagePool, so
+// that a config reload, whose new handlers ask for the same keys while the
+// old ones still hold them, keeps the caches: clients of the old config
+// reconnect to the new one and resume with nothing lost.
+var hubs = caddy.NewUsagePool()
+
+// hub is one shared upstream stream and its replay cache. Clients are
+// cursors into the cache: an event is stored once and its bytes are
+// written to every client from there.
+type hub struct {
+	poolKey string
+	keyHash string // for logs and the admin API: keys can hold credentials
+	path    string // the request path, without its query
+	cfg     hubConfig
+	logger  *zap.Logger
+	created time.Time
+
+	mu         sync.Mutex
+	buf        replayBuffer
+	seq        uint64        // last published event
+	wake       chan struct{} // closed and replaced when seq or beats change, or the hub ends
+	beats      uint64        // heartbeats due to idle clients
+	lastPub    time.Time
+	header     http.Header // the upstream's response header, once it streams
+	status     int
+	streamedAt time.Time // when the current upstream connection began streaming
+	failed     bool      // the upstream answered with something that is not a stream
+	clients    int
+	sources    map[*fanoutRuntime]*source // handlers whose clients can run the upstream
+	up         *upstream                  // the newest upstream connection loop
+	old        *upstream                  // the one it replaces, until the new one streams
+	liveGen    uint64                     // the upstream whose events are published
+	gens       uint64
+	overlap    [][]byte // what the replaced upstream published while the new one connected
+	backendIDs bool     // the backend sends ids: resume it with Last-Event-ID
+	lastBackID string   // the last id the backend sent
+	retry      time.Duration
+	reconnects int
+	epoch      string // prefix of synthesized ids, new at every discontinuity
+	heartbeat  *time.Timer
+	destroyed  bool
+	zc         [numCodings]sharedCompressor // one per encoding clients use (compress.go)
+	dlOnce     sync.Once
+	dl         []*deliverer // delivery loops of detached clients (detach.go)
+}
+
+func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger) *hub {
+	hb := &hub{
+		poolKey: poolKey,
+		keyHash: keyHash,
+		cfg:     cfg,
+		created: time.Now(),
+		buf:     newMemoryReplay(cfg.limits),
+		wake:    make(chan struct{}),
+		sources: make(map[*fanoutRuntime]*source),
+		epoch:   newEpoch(),
+	}
+	hb.logger = logger.With(zap.String("stream", hb.keyHash))
+	for i := range hb.zc {
+		hb.zc[i].enc = coding(i)
+	}
+	return hb
+}
+
+// newEpoch makes synthesized ids unique across restarts: the time in base
+// 36 and a little randomness.
+func newEpoch() string {
+	return strconv.FormatInt(time.Now().UnixMilli(), 36) + strconv.FormatUint(uint64(rand.Uint32()%1296), 36)
+}
+
+// Destruct runs when the last reference to the hub is gone (no client for
+// longer than linger, and no handler holding it): it stops the upstream.
+func (hb *hub) Destruct() error {
+	hb.mu.Lock()
+	hb.destroyed = true
+	up, old := hb.up, hb.old
+	hb.up, hb.old = nil, nil
+	if hb.heartbeat != nil {
+		hb.heartbeat.Stop()
+	}
+	hb.idleShared()
+	hb.broadcastLocked()
+	hb.mu.Unlock()
+	up.stop()
+	old.stop()
+	return nil
+}
+
+func (hb *hub) broadcastLocked() {
+	close(hb.wake)
+	hb.wake = make(chan struct{})
+}
+
+// join adds a client of the handler whose runtime is run, and makes sure
+// the upstream runs.
+// It returns the last event published before the client joined: the
+// events after it answer the client's request, even those published while
+// it waited for the upstream's header (a backend's welcome event).
+func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next caddyhttp.Handler) (joinedAt uint64, ok bool) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if maxClients > 0 && hb.clients >= maxClients {
+		return 0, false
+	}
+	hb.clients++
+	if _, ok := hb.sources[run]; !ok {
+		tmpl := r.Clone(context.WithoutCancel(r.Context()))
+		tmpl.Body = http.NoBody
+		tmpl.Header.Del("Last-Event-ID")
+		hb.sources[run] = &source{next: next, tmpl: tmpl, added: time.Now()}
+		hb.path = r.URL.Path
+	}
+	if hb.failed && hb.up == nil {
+		hb.failed = false // a new client asks again
+	}
+	// No upstream, or one whose config was unloaded: run it through this
+	// handler's route (the old one hands over once the new one streams).
+	if (hb.up == nil || hb.up.orphan) && !hb.destroyed {
+		hb.startUpstreamLocked()
+	}
+	return hb.seq, true
+}
+
+func (hb *hub) leave() {
+	hb.mu.Lock()
+	hb.clients--
+	hb.mu.Unlock()
+}
+
+// waitStream waits until the upstream streams (its header and status) or
+// fails before ever streaming.
+func (hb *hub) waitStream(ctx context.Context) (http.Header, int, bool) {
+	for {
+		hb.mu.Lock()
+		header, status, failed, wake := hb.header, hb.status, hb.failed || hb.destroyed, hb.wake
+		hb.mu.Unlock()
+		switch {
+		case header != nil:
+			return header, status, true
+		case failed:
+			return nil, 0, false
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return nil, 0, false
+		}
+	}
+}
+
+// position is where a new client starts reading: after its Last-Event-ID
+// if the cache has it, otherwise where it joined (reset is true when an id
+// was asked for and not found), minus replayOnConnect for a client that
+// asked for none. Taken under the hub's lock, so nothing is missed or sent
+// twice between the replay and the live stream.
+func (hb *hub) position(lastID string, replayOnConnect int, joinedAt uint64) (cursor, behind uint64, reset, found bool) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if lastID != "" {
+		if seq, ok := hb.buf.find(lastID); ok {
+			return seq, hb.seq - seq, false, true
+		}
+		return joinedAt, 0, true, false
+	}
+	held, _ := hb.buf.stats()
+	heldBefore := max(held-int(hb.seq-joinedAt), 0)
+	back := uint64(min(replayOnConnect, heldBefore))
+	return joinedAt - back, back, false, false
+}
+
+// streamStarted records the upstream's response and starts heartbeats.
+func (hb *hub) streamStarted(gen uint64, status int, header http.Header) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if hb.up == nil || gen != hb.up.gen {
+		return // a replaced upstream
+	}
+	// From now on only this connection publishes: the one it replaces is
+	// closed (events it still had in flight are the ones this one sends).
+	hb.liveGen = gen
+	hb.old.stopAsync()
+	hb.old = nil
+	hb.up.owner.policy.metrics.upstreamConnected(hb.header != nil)
+	if hb.header != nil && !hb.backendIDs {
+		// A new upstream connection to a backend without ids: no way to
+		// know what was missed in between, but clients stay connected and
+		// the cache stays valid up to here.
+		hb.logger.Debug("reconnected to a backend without ids; events sent while disconnected cannot be recovered")
+	}
+	hb.header, hb.status, hb.streamedAt = header, status, time.Now()
+	hb.lastPub = hb.streamedAt
+	if hb.heartbeat == nil && hb.cfg.heartbeat > 0 {
+		hb.heartbeat = time.AfterFunc(hb.cfg.heartbeat, hb.onHeartbeat)
+	}
+	hb.broadcastLocked()
+}
+
+// onHeartbeat asks the clients to write a heartbeat when the stream has
+// been idle: one timer per hub, not one per client.
+func (hb *hub) onHeartbeat() {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if hb.destroyed {
+		return
+	}
+	every := hb.cfg.heartbeat
+	if idle := time.Since(hb.lastPub); idle < every {
+		hb.heartbeat.Reset(every - idle)
+		return
+	}
+	hb.beatLocked()
+	hb.heartbeat.Reset(every)
+}
+
+// beatLocked has the caught-up clients write a heartbeat. Each writes it
+// on its own, which takes compressed clients out of their shared epoch, so
+// the shared compressors restart at the next event (and, the stream being
+// idle, give back their memory meanwhile).
+func (hb *hub) beatLocked() {
+	hb.beats++
+	hb.lastPub = time.Now()
+	hb.idleShared()
+	hb.broadcastLocked()
+}
+
+// publish stores one complete event and wakes the clients.
+func (hb *hub) publish(gen uint64, raw []byte, info sse.Event) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if gen != hb.liveGen {
+		return // a replaced upstream's late event
+	}
+	if hb.repeatsOverlap(raw, info) {
+		return
+	}
+	id := ""
+	if info.HasID() && !info.IDTooLong() {
+		id = string(info.ID())
+	}
+	if info.HasID() {
+		hb.backendIDs = true
+		hb.lastBackID = id
+	}
+	if info.Retry() >= 0 {
+		hb.retry = time.Duration(min(info.Retry(), int64(maxBackoff/time.Millisecond))) * time.Millisecond
+	}
+	hb.seq++
+	var data []byte
+	if hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !info.HasID()) {
+		id = hb.epoch + "-" + strconv.FormatUint(hb.seq, 36)
+		data = sse.WithID(raw, id)
+	} else {
+		data = append([]byte(nil), raw...)
+	}
+	now := time.Now()
+	hb.buf.add(&event{seq: hb.seq, id: id, data: data, at: now, z: hb.compressShared(data)})
+	hb.lastPub = now
+	hb.broadcastLocked()
+}
+
+// repeatsOverlap handles the moment one upstream connection replaces
+// another (a config reload): the backend sends the same events on both
+// until the new one's header switches publishing to it. While both run,
+// the old one's events are remembered; the new one's first events that
+// repeat them are dropped, so the switch adds no duplicate. A backend with
+// ids is matched by id; one without, by the event's bytes.
+func (hb *hub) repeatsOverlap(raw []byte, info sse.Event) bool {
+	if hb.old != nil { // the new connection has not switched yet
+		if len(hb.overlap) < maxBatch {
+			hb.overlap = append(hb.overlap, append([]byte(nil), raw...))
+		}
+		return false
+	}
+	if len(hb.overlap) == 0 {
+		return false
+	}
+	for i, seen := range hb.overlap {
+		if bytes.Equal(seen, raw) || (info.HasID() && len(info.ID()) > 0 && bytes.Contains(seen, append([]byte("id: "), info.ID()...))) {
+			hb.overlap = hb.overlap[i+1:]
+			return true
+		}
+	}
+	hb.overlap = nil // the new connection is past the overlap
+	return false
+}
+
+// report describes the hub for the admin API.
+func (hb *hub) report(now time.Time) streamStatus {
+	handedOver := hb.handedOver() // takes the delivery loops' locks: never under hb.mu
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	events, bytes := hb.buf.stats()
+	st := streamStatus{
+		Mode:          modeFanout.String(),
+		Key:           hb.keyHash,
+		Path:          hb.path,
+		Clients:       hb.clients,
+		HandedOver:    handedOver,
+		UptimeSeconds: now.Sub(hb.created).Seconds(),
+		CacheEvents:   events,
+		CacheBytes:    bytes,
+		Reconnects:    hb.reconnects,
+		Events:        int64(hb.seq),
+	}
+	if ev, _ := hb.buf.after(nil, hb.seq-1, 1); len(ev) == 1 {
+		st.LastEventID = formatID([]byte(ev[0].id))
+	}
+	switch {
+	case hb.destroyed:
+		st.Upstream = upstreamClosed
+	case hb.up == nil:
+		st.Upstream = "disconnected"
+	case hb.header == nil || hb.liveGen != hb.up.gen:
+		st.Upstream = "connecting"
+	default:
+		st.Upstream = upstreamStreaming
+	}
+	return st
+}
