@@ -1,0 +1,106 @@
+package cluster
+
+import (
+	"testing"
+	"time"
+)
+
+// The harness's own tests: they run against the in-memory broker (each
+// node alone, no Redis), so they work today and show that the harness, the
+// backend and the client are sound before any cluster test relies on them.
+
+// TestHarnessSingleNode: clients through the load balancer and straight to
+// one node, hopping between connections with Last-Event-ID, get every event
+// once and in order; the backend sees one connection per path.
+func TestHarnessSingleNode(t *testing.T) {
+	cl := startCluster(t, clusterOpts{nodes: 1, memory: true})
+	for _, path := range []string{"/ids/one", "/legacy/one"} {
+		t.Run(path, func(t *testing.T) {
+			g := newGroup(t)
+			targets := func() []string { return []string{cl.nodes[0].Base(), cl.lb.Base()} }
+			for i := 0; i < 3; i++ {
+				g.add(newClient("hopper", path), func(c *sseClient, stop <-chan struct{}) {
+					c.hop(targets, stop, 100*time.Millisecond, 300*time.Millisecond)
+				})
+			}
+			f := cl.backend.feed(path)
+			g.waitPast(t, f.Seq()+75, 10*time.Second)
+			g.stop()
+			checkClients(t, g.clients, checkOpts{noResets: true})
+			for _, c := range g.clients {
+				if c.Conns() < 3 {
+					t.Errorf("%s made %d connections; the test wants it to hop", c.name, c.Conns())
+				}
+				for _, e := range c.Events() {
+					if e.Node != "node1" {
+						t.Fatalf("%s: event %v not from node1 (X-SSE-Node header)", c.name, e)
+					}
+				}
+			}
+			if _, maxConc, connects := f.Conns(); maxConc != 1 || connects != 1 {
+				t.Errorf("backend: %d connections at most at once, %d made; want 1 and 1", maxConc, connects)
+			}
+		})
+	}
+}
+
+// TestCheckRecordCatches: the checks fail on a gap, a duplicate, a
+// reordering and an unsignalled gap, and pass a signalled one.
+func TestCheckRecordCatches(t *testing.T) {
+	ev := func(seqs ...int64) []event {
+		var out []event
+		for _, s := range seqs {
+			if s == 0 {
+				out = append(out, event{Type: resetEvent, Seq: -1})
+				continue
+			}
+			out = append(out, event{Type: "message", Seq: s})
+		}
+		return out
+	}
+	cases := []struct {
+		name string
+		evs  []event
+		o    checkOpts
+		bad  bool
+	}{
+		{"complete", ev(1, 2, 3), checkOpts{}, false},
+		{"gap", ev(1, 3), checkOpts{}, true},
+		{"dup", ev(1, 2, 2, 3), checkOpts{}, true},
+		{"backwards", ev(1, 3, 2), checkOpts{resetGaps: true}, true},
+		{"gap after reset, not allowed", ev(1, 0, 5), checkOpts{}, true},
+		{"gap after reset, allowed", ev(1, 0, 5, 6), checkOpts{resetGaps: true}, false},
+		{"reset forbidden", ev(1, 0, 2), checkOpts{noResets: true}, true},
+		{"gap after from", ev(1, 0, 5, 0, 8), checkOpts{resetGaps: true, from: 5}, true},
+		{"from missing", ev(1, 0, 6, 7), checkOpts{resetGaps: true, from: 5}, true},
+		{"from present", ev(1, 0, 5, 6), checkOpts{resetGaps: true, from: 5}, false},
+	}
+	for _, c := range cases {
+		errs := checkRecord(c.evs, c.o)
+		if bad := len(errs) > 0; bad != c.bad {
+			t.Errorf("%s: errors %q, want bad=%v", c.name, errs, c.bad)
+		}
+	}
+}
+
+// TestClientParser: the client dispatches as EventSource does.
+func TestClientParser(t *testing.T) {
+	c := newClient("parser", "/")
+	in := ":pad\r\nid: 7\r\ndata: seq=1\r\n\r\nevent: sse-reset\rdata: x\r\rid\n\ndata:seq=2\ndata\n\n"
+	c.read(stringsReader(in), &clientConn{n: 1, node: "n"})
+	got := c.Events()
+	want := []event{
+		{ID: "7", Type: "message", Data: "seq=1", Seq: 1},
+		{ID: "7", Type: "sse-reset", Data: "x", Seq: -1},
+		{ID: "", Type: "message", Data: "seq=2\n", Seq: -1},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	for i := range want {
+		g := got[i]
+		if g.ID != want[i].ID || g.Type != want[i].Type || g.Data != want[i].Data || g.Seq != want[i].Seq {
+			t.Errorf("event %d: got %+v, want %+v", i, g, want[i])
+		}
+	}
+}
