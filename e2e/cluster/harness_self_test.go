@@ -1,6 +1,8 @@
 package cluster
 
 import (
+	"fmt"
+	"os/exec"
 	"testing"
 	"time"
 )
@@ -101,6 +103,107 @@ func TestClientParser(t *testing.T) {
 		g := got[i]
 		if g.ID != want[i].ID || g.Type != want[i].Type || g.Data != want[i].Data || g.Seq != want[i].Seq {
 			t.Errorf("event %d: got %+v, want %+v", i, g, want[i])
+		}
+	}
+}
+
+// TestHarnessReloadOneNode: a reload through the admin API under load, on
+// one node alone: its clients come back to the new config and, from the
+// replay cache that survives reloads, miss nothing. It exercises the
+// helpers the cluster's reload test uses, on behaviour that exists today.
+func TestHarnessReloadOneNode(t *testing.T) {
+	cl := startCluster(t, clusterOpts{nodes: 1, memory: true})
+	path := "/legacy/reload"
+	n := cl.nodes[0]
+	g := newGroup(t)
+	for i := 0; i < 3; i++ {
+		g.add(newClient(fmt.Sprintf("client%d", i), path), func(c *sseClient, stop <-chan struct{}) {
+			c.stay(func() []string { return []string{n.Base()} }, stop)
+		})
+	}
+	f := cl.backend.feed(path)
+	g.waitPast(t, f.Seq()+10, 10*time.Second)
+	hubs, err := n.Streams()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hubs) != 1 || hubs[0].Path != path || hubs[0].Clients != 3 || hubs[0].Leader != nil {
+		t.Fatalf("GET /sse/streams: %+v; want one hub of %s with 3 clients and no leader field", hubs, path)
+	}
+	n.Reload(cl.nodeConfig(n, "node1-new"))
+	waitFor(t, 10*time.Second, "every client on the new config", func() string {
+		for _, c := range g.clients {
+			if evs := c.Events(); evs[len(evs)-1].Node != "node1-new" {
+				return c.name + " is not"
+			}
+		}
+		return ""
+	})
+	g.waitPast(t, f.Seq()+10, 10*time.Second)
+	g.stop()
+	checkClients(t, g.clients, checkOpts{noResets: true})
+	for _, c := range g.clients {
+		if c.Conns() < 2 {
+			t.Errorf("%s made %d connections; the reload should have ended its first", c.name, c.Conns())
+		}
+	}
+}
+
+// TestHarnessSignals: kill -9 moves a node's clients to another node,
+// SIGSTOP makes its admin API silent until SIGCONT.
+func TestHarnessSignals(t *testing.T) {
+	cl := startCluster(t, clusterOpts{nodes: 2, memory: true})
+	path := "/ids/signals"
+	g := newGroup(t)
+	byNode := cl.perNode(g, path, 1)
+	f := cl.backend.feed(path)
+	g.waitPast(t, f.Seq()+5, 10*time.Second)
+
+	n2 := cl.nodes[1]
+	n2.Pause()
+	if _, err := n2.Streams(); err == nil {
+		t.Error("a stopped node answered its admin API")
+	}
+	if got := cl.aliveNodes(); len(got) != 1 {
+		t.Errorf("alive nodes while one is stopped: %v", got)
+	}
+	n2.Resume()
+	if _, err := n2.Streams(); err != nil {
+		t.Errorf("after SIGCONT: %v", err)
+	}
+
+	n1 := cl.nodes[0]
+	n1.Kill9()
+	c := byNode[n1][0]
+	waitFor(t, 10*time.Second, "node1's client on node2", func() string {
+		if evs := c.Events(); evs[len(evs)-1].Node != "node2" {
+			return "not yet"
+		}
+		return ""
+	})
+	if len(c.Ends()) == 0 {
+		t.Error("the killed node's stream did not end")
+	}
+}
+
+// TestHarnessRedis: with appendonly a restart keeps the data, without it
+// loses it; Do speaks RESP.
+func TestHarnessRedis(t *testing.T) {
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		t.Skip("redis-server not installed")
+	}
+	for _, persist := range []bool{true, false} {
+		r := startRedis(t, persist)
+		if _, err := r.Do("SET", "k", "v"); err != nil {
+			t.Fatal(err)
+		}
+		r.Restart()
+		got, err := r.Do("GET", "k")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := map[bool]string{true: "v", false: ""}[persist]; got != want {
+			t.Errorf("persist=%v: after a restart GET k = %q, want %q", persist, got, want)
 		}
 	}
 }
