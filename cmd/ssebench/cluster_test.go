@@ -1,0 +1,121 @@
+package main
+
+import (
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestClusterCaddyfile(t *testing.T) {
+	cf, err := caddyfile(proxySpec{kind: "cluster", listen: "127.0.0.1:8080", upstream: "127.0.0.1:9090", redis: "127.0.0.1:6379", sseOpts: []string{"heartbeat 5s"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "\t\tsse {\n\t\t\tfanout {\n\t\t\t\tkey {http.request.uri.path}\n\t\t\t\tcluster redis {\n\t\t\t\t\taddress redis://127.0.0.1:6379/0\n\t\t\t\t\tprefix sse:\n\t\t\t\t}\n\t\t\t}\n\t\t\theartbeat 5s\n\t\t}\n\t\treverse_proxy 127.0.0.1:9090\n"
+	if !strings.Contains(cf, want) {
+		t.Errorf("cluster Caddyfile lacks\n%s\nin\n%s", want, cf)
+	}
+	if strings.Count(cf, "{") != strings.Count(cf, "}") {
+		t.Errorf("unbalanced braces:\n%s", cf)
+	}
+}
+
+func TestParseCommandStats(t *testing.T) {
+	body := "# Commandstats\r\ncmdstat_evalsha:calls=100,usec=900,usec_per_call=9.00,rejected_calls=0,failed_calls=0\r\n" +
+		"cmdstat_xadd:calls=100,usec=100,usec_per_call=1.00,rejected_calls=0,failed_calls=0\r\n" +
+		"cmdstat_client|setname:calls=3,usec=1,usec_per_call=0.33,rejected_calls=0,failed_calls=0\r\n" +
+		"cmdstat_info:calls=7,usec=70,usec_per_call=10.00,rejected_calls=0,failed_calls=0\r\n"
+	s, err := parseCommandStats(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.calls["evalsha"] != 100 || s.calls["xadd"] != 100 || s.calls["client|setname"] != 3 || s.calls["info"] != 7 {
+		t.Fatalf("parsed %v", s.calls)
+	}
+	if n := s.total(); n != 210 {
+		t.Errorf("total %d, want 210", n)
+	}
+	if n := s.total("info"); n != 203 {
+		t.Errorf("total without info %d, want 203", n)
+	}
+	before := redisStats{calls: map[string]int64{"evalsha": 40, "xadd": 40, "info": 6}}
+	d := s.diff(before)
+	if d.calls["evalsha"] != 60 || d.calls["info"] != 1 || d.calls["client|setname"] != 3 {
+		t.Errorf("diff %v", d.calls)
+	}
+	if got := d.top(2); got != "evalsha=60 xadd=60" {
+		t.Errorf("top(2) = %q", got)
+	}
+	if _, err := parseCommandStats("cmdstat_x:calls=abc"); err == nil {
+		t.Error("a bad count must be an error")
+	}
+}
+
+func TestLoadGenSpreadsOverNodes(t *testing.T) {
+	g := newLoadGen(clientConfig{addr: "a", more: []string{"b", "c"}}, newLoadStats())
+	counts := map[string]int{}
+	for i := 0; i < 9; i++ {
+		counts[g.target()]++
+	}
+	if counts["a"] != 3 || counts["b"] != 3 || counts["c"] != 3 {
+		t.Errorf("9 connections over 3 nodes: %v", counts)
+	}
+	one := newLoadGen(clientConfig{addr: "a"}, newLoadStats())
+	if one.target() != "a" || one.target() != "a" {
+		t.Error("without more addresses every connection goes to addr")
+	}
+}
+
+func TestClusterTable(t *testing.T) {
+	rs := []result{
+		{Proxy: "fanout", Clients: 900, Mode: "stream", CPUPerEvUs: 2, P99us: 5000, Delivered: 1},
+		{Proxy: "cluster", Clients: 900, Mode: "stream", Nodes: 3, CPUPerEvUs: 2.4, RedisCPUPerEvUs: 0.2, P99us: 7500, Delivered: 1, RedisCallsPerEv: 12, RedisScriptsPerEv: 1, RedisTop: "evalsha=10"},
+	}
+	var b strings.Builder
+	writeClusterTable(&b, rs)
+	for _, w := range []string{"| cluster | 900 | 3 | 2.40 | 1.20× | 0.20 | 1.30× | 7.5 | +2.5 |", "12.0 | 1.00 | evalsha=10 |"} {
+		if !strings.Contains(b.String(), w) {
+			t.Errorf("table lacks %q:\n%s", w, b.String())
+		}
+	}
+	b.Reset()
+	writeClusterTable(&b, rs[:1])
+	if b.Len() != 0 {
+		t.Errorf("no cluster results, yet a table:\n%s", b.String())
+	}
+}
+
+// TestReadRedisStats asks a real redis-server (skipped without one).
+func TestReadRedisStats(t *testing.T) {
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Skip("redis-server not installed")
+	}
+	addr, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(addr)
+	dir := t.TempDir()
+	p, err := startProc("redis-server", []string{bin, "--port", port, "--bind", "127.0.0.1", "--dir", dir, "--save", "", "--appendonly", "no"}, dir, os.Environ())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.stop(time.Second) })
+	if err := p.waitReady(addr, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readRedisStats(addr); err != nil {
+		t.Fatal(err)
+	}
+	s, err := readRedisStats(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.calls["info"] < 1 {
+		t.Errorf("after one INFO, commandstats say %v", s.calls)
+	}
+}
