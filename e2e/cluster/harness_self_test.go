@@ -3,6 +3,7 @@ package cluster
 import (
 	"fmt"
 	"os/exec"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -205,5 +206,25 @@ func TestHarnessRedis(t *testing.T) {
 		if want := map[bool]string{true: "v", false: ""}[persist]; got != want {
 			t.Errorf("persist=%v: after a restart GET k = %q, want %q", persist, got, want)
 		}
+	}
+}
+
+// TestDemoConfigs: the cluster demo's Caddyfiles adapt with this build. The
+// nodes' need the redis broker module; without it their check skips (or,
+// with SSE_REQUIRE_CLUSTER=1, fails).
+func TestDemoConfigs(t *testing.T) {
+	needCaddy(t)
+	adapt := func(t *testing.T, file string) {
+		out, err := exec.Command(caddyBin, "adapt", "--config", filepath.Join("..", "..", "demo", "cluster", file), "--adapter", "caddyfile").CombinedOutput()
+		if err != nil {
+			t.Fatalf("caddy adapt %s: %v\n%s", file, err, out)
+		}
+	}
+	t.Run("lb", func(t *testing.T) { adapt(t, "lb.Caddyfile") })
+	for _, n := range []string{"node1", "node2", "node3"} {
+		t.Run(n, func(t *testing.T) {
+			needCluster(t)
+			adapt(t, n+".Caddyfile")
+		})
 	}
 }
