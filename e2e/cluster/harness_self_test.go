@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -191,6 +192,9 @@ func TestHarnessSignals(t *testing.T) {
 // loses it; Do speaks RESP.
 func TestHarnessRedis(t *testing.T) {
 	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("SSE_REQUIRE_REDIS") == "1" {
+			t.Fatalf("redis-server not found and SSE_REQUIRE_REDIS=1: %v", err)
+		}
 		t.Skip("redis-server not installed")
 	}
 	for _, persist := range []bool{true, false} {
