@@ -407,8 +407,14 @@ func checkRecord(evs []event, o checkOpts) []string {
 // seq has one id (the plugin's ids are cluster-wide).
 func checkClients(t testing.TB, clients []*sseClient, o checkOpts) {
 	t.Helper()
-	idSeq := map[string]int64{}
-	seqID := map[int64]string{}
+	// Per path: every path is a stream of its own, with its own seqs.
+	type pathID struct{ path, id string }
+	type pathSeq struct {
+		path string
+		seq  int64
+	}
+	idSeq := map[pathID]int64{}
+	seqID := map[pathSeq]string{}
 	for _, c := range clients {
 		evs := c.Events()
 		if len(evs) == 0 {
@@ -422,13 +428,14 @@ func checkClients(t testing.TB, clients []*sseClient, o checkOpts) {
 			if e.Seq < 0 || e.ID == "" {
 				continue
 			}
-			if s, ok := idSeq[e.ID]; ok && s != e.Seq {
+			pi, ps := pathID{c.path, e.ID}, pathSeq{c.path, e.Seq}
+			if s, ok := idSeq[pi]; ok && s != e.Seq {
 				t.Errorf("%s: id %q is seq %d here and seq %d elsewhere", c.name, e.ID, e.Seq, s)
 			}
-			if id, ok := seqID[e.Seq]; ok && id != e.ID {
+			if id, ok := seqID[ps]; ok && id != e.ID {
 				t.Errorf("%s: seq %d has id %q here and %q elsewhere (ids are not cluster-wide)", c.name, e.Seq, e.ID, id)
 			}
-			idSeq[e.ID], seqID[e.Seq] = e.Seq, e.ID
+			idSeq[pi], seqID[ps] = e.Seq, e.ID
 		}
 	}
 	if t.Failed() {

@@ -232,3 +232,15 @@ func TestDemoConfigs(t *testing.T) {
 		})
 	}
 }
+
+// TestClusterLogicOnSharedHub runs the one-upstream, hopping and reload
+// scenarios of the cluster tests against one Caddy process serving three
+// "nodes" (ports with their own X-SSE-Node), whose hubs are shared
+// in-process: what a perfect cluster looks like to clients. It shows the scenarios and
+// their checks pass where they should, before any cluster exists.
+func TestClusterLogicOnSharedHub(t *testing.T) {
+	cl := startCluster(t, clusterOpts{memory: true, oneProcess: true})
+	t.Run("one upstream", func(t *testing.T) { oneUpstreamPerKey(t, cl, false) })
+	t.Run("hopping", func(t *testing.T) { hoppingClients(t, cl) })
+	t.Run("reload", func(t *testing.T) { reloadUnderLoad(t, cl, false) })
+}

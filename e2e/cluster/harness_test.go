@@ -460,6 +460,11 @@ type clusterOpts struct {
 	memory   bool          // no cluster block: each node alone (harness self-tests)
 	interval time.Duration // the backend's event interval; default 20 ms
 	sseExtra string        // lines added to each node's sse block
+	// oneProcess serves every node's port from one Caddy process (with
+	// memory): hubs are shared in-process, so it behaves as a perfect
+	// cluster would for clients, and checks the cluster tests' own logic
+	// today. Signals then hit every "node" at once.
+	oneProcess bool
 }
 
 // startCluster starts everything; all of it ends when t does.
@@ -480,8 +485,22 @@ func startCluster(t testing.TB, o clusterOpts) *cluster {
 	for i := 1; i <= o.nodes; i++ {
 		n := cl.newNode(fmt.Sprintf("node%d", i))
 		n.cfg = cl.nodeConfig(n, n.name)
-		n.start()
 		cl.nodes = append(cl.nodes, n)
+		if !o.oneProcess {
+			n.start()
+		}
+	}
+	if o.oneProcess {
+		first := cl.nodes[0]
+		first.cfg = globalOptions(first, "INFO")
+		for _, n := range cl.nodes {
+			first.cfg += cl.siteBlock(n, n.name)
+		}
+		first.start()
+		for _, n := range cl.nodes[1:] {
+			n.p = first.p
+			waitListen(t, n.p, fmt.Sprintf("127.0.0.1:%d", n.port), first.log, 10*time.Second)
+		}
 	}
 	cl.lb = cl.newNode("lb")
 	cl.lb.cfg = cl.lbConfig()
@@ -509,8 +528,8 @@ func (cl *cluster) newNode(name string) *node {
 // globalOptions is the head of every Caddyfile: admin on its own port,
 // nothing persisted or written outside the node's dir, a short grace
 // period so a reload or stop never waits long, logs to stderr (the log
-// file).
-func globalOptions(n *node) string {
+// file) from level on.
+func globalOptions(n *node, level string) string {
 	return fmt.Sprintf(`{
 	admin 127.0.0.1:%d
 	persist_config off
@@ -521,10 +540,10 @@ func globalOptions(n *node) string {
 	}
 	log {
 		output stderr
-		level INFO
+		level %s
 	}
 }
-`, n.admin, filepath.Join(n.dir, "storage"))
+`, n.admin, filepath.Join(n.dir, "storage"), level)
 }
 
 // nodeConfig is a node's Caddyfile; label goes into its X-SSE-Node header
@@ -532,6 +551,13 @@ func globalOptions(n *node) string {
 // the path alone: the default key holds the Host, which differs per node
 // when clients address nodes directly.
 func (cl *cluster) nodeConfig(n *node, label string) string {
+	return globalOptions(n, "INFO") + cl.siteBlock(n, label)
+}
+
+// siteBlock is a node's site: its port, its X-SSE-Node header, sse with
+// fan-out (in cluster mode unless opts.memory) and reverse_proxy to the
+// backend.
+func (cl *cluster) siteBlock(n *node, label string) string {
 	clusterBlock := ""
 	if !cl.opts.memory {
 		clusterBlock = fmt.Sprintf(`
@@ -540,7 +566,7 @@ func (cl *cluster) nodeConfig(n *node, label string) string {
 					prefix  sse:
 				}`, cl.redis.Addr)
 	}
-	return globalOptions(n) + fmt.Sprintf(`
+	return fmt.Sprintf(`
 :%d {
 	bind 127.0.0.1
 	header X-SSE-Node %s
@@ -558,6 +584,26 @@ func (cl *cluster) nodeConfig(n *node, label string) string {
 `, n.port, label, cl.opts.sseExtra, clusterBlock, cl.backend.addr)
 }
 
+// reload gives target the label (its X-SSE-Node) in a config reload. With
+// oneProcess the one process reloads, with only target's label changed.
+func (cl *cluster) reload(target *node, label string) {
+	cl.t.Helper()
+	if !cl.opts.oneProcess {
+		target.Reload(cl.nodeConfig(target, label))
+		return
+	}
+	owner := cl.nodes[0]
+	cfg := globalOptions(owner, "INFO")
+	for _, n := range cl.nodes {
+		l := n.name
+		if n == target {
+			l = label
+		}
+		cfg += cl.siteBlock(n, l)
+	}
+	owner.Reload(cfg)
+}
+
 // lbConfig balances over the nodes at random, streaming (flush_interval
 // -1); a node that refuses connections is skipped and retried for 3 s.
 func (cl *cluster) lbConfig() string {
@@ -565,7 +611,9 @@ func (cl *cluster) lbConfig() string {
 	for _, n := range cl.nodes {
 		ups = append(ups, fmt.Sprintf("127.0.0.1:%d", n.port))
 	}
-	return globalOptions(cl.lb) + fmt.Sprintf(`
+	// ERROR: every client that hops away is an "aborting with incomplete
+	// response" warning of reverse_proxy, which would bury the output.
+	return globalOptions(cl.lb, "ERROR") + fmt.Sprintf(`
 :%d {
 	bind 127.0.0.1
 	reverse_proxy %s {
