@@ -171,6 +171,11 @@ func TestClusterLeaderKilled(t *testing.T) {
 				t.Fatal("the killed node still leads")
 			}
 			g.waitPast(t, f.Seq()+cl.events(time.Second), 10*time.Second)
+			for c := range conns {
+				if !c.connected() {
+					t.Errorf("%s (on a surviving node) lost its stream", c.name)
+				}
+			}
 			g.stop()
 
 			for c, n := range conns {
