@@ -1,7 +1,14 @@
 package cluster
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -432,4 +439,81 @@ func reloadUnderLoad(t *testing.T, cl *cluster, leaders bool) {
 			})
 		})
 	}
+}
+
+// TestClusterConfigJSON: the Caddyfile's cluster block adapts to the JSON
+// agreed for cluster mode, "fanout": {"broker": {"name": "redis",
+// "address": ..., "prefix": ...}}, and a node runs that JSON (loaded
+// through its admin API) as one of the cluster.
+func TestClusterConfigJSON(t *testing.T) {
+	needCluster(t)
+	cl := startCluster(t, clusterOpts{})
+	n := cl.nodes[1]
+	path := filepath.Join(t.TempDir(), "Caddyfile")
+	if err := os.WriteFile(path, []byte(n.cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(caddyBin, "adapt", "--config", path, "--adapter", "caddyfile").Output()
+	if err != nil {
+		t.Fatalf("caddy adapt: %v", err)
+	}
+	var cfg any
+	if err := json.Unmarshal(out, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	handlers := findHandlers(cfg, "sse")
+	if len(handlers) != 1 {
+		t.Fatalf("want one sse handler in the adapted config, found %d:\n%s", len(handlers), out)
+	}
+	fanout, _ := handlers[0]["fanout"].(map[string]any)
+	broker, _ := fanout["broker"].(map[string]any)
+	want := map[string]any{"name": "redis", "address": "redis://" + cl.redis.Addr + "/0", "prefix": "sse:"}
+	for k, v := range want {
+		if broker[k] != v {
+			t.Errorf("fanout.broker.%s = %v, want %v (adapted: %v)", k, broker[k], v, fanout)
+		}
+	}
+
+	req, _ := http.NewRequest("POST", n.AdminBase()+"/load", bytes.NewReader(out))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := (&http.Client{Timeout: 15 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("POST /load of the JSON: %s: %s", resp.Status, body)
+	}
+	g := newGroup(t)
+	byNode := cl.perNode(g, "/legacy/json", 1)
+	f := cl.backend.feed("/legacy/json")
+	g.waitPast(t, f.Seq()+cl.events(time.Second), 10*time.Second)
+	g.stop()
+	checkClients(t, g.clients, checkOpts{noResets: true})
+	if len(byNode[n][0].Events()) == 0 {
+		t.Errorf("the node running the JSON config served nothing")
+	}
+	if _, _, connects := f.Conns(); connects != 1 {
+		t.Errorf("the backend saw %d connections; the JSON-configured node is not part of the cluster", connects)
+	}
+}
+
+// findHandlers returns every JSON object with "handler": name, anywhere in v.
+func findHandlers(v any, name string) []map[string]any {
+	var out []map[string]any
+	switch x := v.(type) {
+	case map[string]any:
+		if x["handler"] == name {
+			out = append(out, x)
+		}
+		for _, e := range x {
+			out = append(out, findHandlers(e, name)...)
+		}
+	case []any:
+		for _, e := range x {
+			out = append(out, findHandlers(e, name)...)
+		}
+	}
+	return out
 }

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -218,13 +219,25 @@ func TestHarnessRedis(t *testing.T) {
 // with SSE_REQUIRE_CLUSTER=1, fails).
 func TestDemoConfigs(t *testing.T) {
 	needCaddy(t)
-	adapt := func(t *testing.T, file string) {
-		out, err := exec.Command(caddyBin, "adapt", "--config", filepath.Join("..", "..", "demo", "cluster", file), "--adapter", "caddyfile").CombinedOutput()
+	adapt := func(t *testing.T, file string) any {
+		out, err := exec.Command(caddyBin, "adapt", "--config", filepath.Join("..", "..", "demo", "cluster", file), "--adapter", "caddyfile").Output()
 		if err != nil {
 			t.Fatalf("caddy adapt %s: %v\n%s", file, err, out)
 		}
+		var cfg any
+		if err := json.Unmarshal(out, &cfg); err != nil {
+			t.Fatal(err)
+		}
+		return cfg
 	}
-	t.Run("lb", func(t *testing.T) { adapt(t, "lb.Caddyfile") })
+	t.Run("lb", func(t *testing.T) {
+		cfg := adapt(t, "lb.Caddyfile")
+		// findHandlers, which TestClusterConfigJSON relies on, finds the
+		// one backend and no sse handler.
+		if n, m := len(findHandlers(cfg, "legacy_sse_demo")), len(findHandlers(cfg, "sse")); n != 1 || m != 0 {
+			t.Errorf("lb.Caddyfile: %d backends and %d sse handlers, want 1 and 0", n, m)
+		}
+	})
 	for _, n := range []string{"node1", "node2", "node3"} {
 		t.Run(n, func(t *testing.T) {
 			needCluster(t)
