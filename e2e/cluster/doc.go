@@ -13,7 +13,10 @@
 // without redis-server, the cluster tests skip with the reason, unless
 // SSE_REQUIRE_CLUSTER=1 is set, in which case they fail. The harness's own
 // tests (harness_self_test.go) run against the in-memory broker and need
-// neither.
+// neither; among them, TestClusterLogicOnSharedHub runs the one-upstream,
+// hopping and reload scenarios against one Caddy serving three ports (hubs
+// shared in-process: a perfect cluster, as clients see it), so the cluster
+// tests' checks are known to pass where they should.
 //
 // Everything listens on loopback ports picked at start; every process is
 // started in its own process group with Pdeathsig, and stopped when its test
@@ -28,5 +31,8 @@
 //     with or without ids, connections counted per path).
 //   - client_test.go: an SSE client that records every event and
 //     reconnects with Last-Event-ID, and the checks on what it recorded.
-//   - cluster_test.go: the tests of issue #13's list.
+//   - cluster_test.go: the tests of issue #13's list, and the scenarios
+//     they share with the self-tests.
+//   - harness_self_test.go: the harness's own tests, the checks' tests, and
+//     the demo's configs (demo/cluster).
 package cluster
