@@ -121,3 +121,22 @@ func TestReadRedisStats(t *testing.T) {
 		t.Errorf("after one INFO, commandstats say %v", s.calls)
 	}
 }
+
+// TestSampleSum: the cluster's sample adds its nodes' up.
+func TestSampleSum(t *testing.T) {
+	self := os.Getpid()
+	one, err := sampleTree(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	two, err := sampleSum([]int{self, self})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if two.procs != 2*one.procs || two.rss < one.rss*3/2 || two.cpu < one.cpu*2 {
+		t.Errorf("one sample %+v, the same process twice %+v: not a sum", one, two)
+	}
+	if _, err := sampleSum([]int{self, 1 << 30}); err == nil {
+		t.Error("a missing process must be reported")
+	}
+}
