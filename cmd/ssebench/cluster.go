@@ -315,9 +315,7 @@ func clusterSummary(res *result, cl *clusterRun, r0, r1 redisSample) {
 	}
 	d := r1.stats.diff(r0.stats)
 	// Our own INFO is not the cluster's work.
-	if n := d.calls["info"]; n > 0 {
-		delete(d.calls, "info")
-	}
+	delete(d.calls, "info")
 	res.RedisTop = d.top(8)
 	if res.Emitted > 0 {
 		res.RedisCallsPerEv = float64(d.total()) / float64(res.Emitted)

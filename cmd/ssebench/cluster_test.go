@@ -90,10 +90,13 @@ func TestClusterTable(t *testing.T) {
 	}
 }
 
-// TestReadRedisStats asks a real redis-server (skipped without one).
-func TestReadRedisStats(t *testing.T) {
+// startTestRedis starts a redis-server for t (skipped without one).
+func startTestRedis(t *testing.T) (*proc, string) {
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
+		if os.Getenv("SSE_REQUIRE_REDIS") == "1" {
+			t.Fatalf("redis-server not found and SSE_REQUIRE_REDIS=1: %v", err)
+		}
 		t.Skip("redis-server not installed")
 	}
 	addr, err := freePort()
@@ -110,6 +113,12 @@ func TestReadRedisStats(t *testing.T) {
 	if err := p.waitReady(addr, 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	return p, addr
+}
+
+// TestReadRedisStats asks a real redis-server.
+func TestReadRedisStats(t *testing.T) {
+	_, addr := startTestRedis(t)
 	if _, err := readRedisStats(addr); err != nil {
 		t.Fatal(err)
 	}
@@ -119,6 +128,34 @@ func TestReadRedisStats(t *testing.T) {
 	}
 	if s.calls["info"] < 1 {
 		t.Errorf("after one INFO, commandstats say %v", s.calls)
+	}
+}
+
+// TestClusterSummary: Redis's commands in the window, per emitted event,
+// without the bench's own INFO.
+func TestClusterSummary(t *testing.T) {
+	p, addr := startTestRedis(t)
+	cl := &clusterRun{redis: p, redisAddr: addr, nodes: []*proc{p}}
+	r0 := cl.sampleRedis()
+	for i := 0; i < 10; i++ { // 10 "events", 2 commands each
+		for _, cmd := range []string{"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n", "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"} {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Write([]byte(cmd))
+			c.Read(make([]byte, 64))
+			c.Close()
+		}
+	}
+	r1 := cl.sampleRedis()
+	res := result{Emitted: 10, Delivered: 100}
+	clusterSummary(&res, cl, r0, r1)
+	if res.Nodes != 1 || res.RedisCallsPerEv != 2 || res.RedisScriptsPerEv != 0 {
+		t.Errorf("nodes %d, calls/event %v, scripts/event %v; want 1, 2, 0 (%s)", res.Nodes, res.RedisCallsPerEv, res.RedisScriptsPerEv, res.RedisTop)
+	}
+	if res.RedisTop != "get=10 set=10" {
+		t.Errorf("top commands %q", res.RedisTop)
 	}
 }
 
