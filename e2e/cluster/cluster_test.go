@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -9,8 +10,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // The tests of issue #13's list, against three nodes sharing a
@@ -284,6 +289,22 @@ func TestClusterPausedLeaderFenced(t *testing.T) {
 	})
 	g.stop()
 	checkClients(t, g.clients, checkOpts{noResets: true})
+
+	// The fence itself: the log in Redis never got a late append (a seq
+	// again, or one out of order), whatever the clients were sent.
+	logs := cl.logSeqs(t)
+	if len(logs) == 0 {
+		t.Error("no stream log found in Redis (sse:{...}:log, internal/redisbroker's layout)")
+	}
+	for k, seqs := range logs {
+		for i := 1; i < len(seqs); i++ {
+			if seqs[i] <= seqs[i-1] {
+				t.Errorf("Redis log %s: entry %d is seq %d after seq %d: an append the fence should have refused", k, i, seqs[i], seqs[i-1])
+				break
+			}
+		}
+		t.Logf("Redis log %s: %d entries, seq %d..%d", k, len(seqs), seqs[0], seqs[len(seqs)-1])
+	}
 }
 
 func names(ns []*node) []string {
@@ -513,6 +534,39 @@ func findHandlers(v any, name string) []map[string]any {
 	case []any:
 		for _, e := range x {
 			out = append(out, findHandlers(e, name)...)
+		}
+	}
+	return out
+}
+
+// logSeqs reads every stream log the cluster keeps in Redis (the layout of
+// internal/redisbroker: stream "<prefix>{<key>}:log", the event's bytes in
+// field "d") and returns, per log key, the seq of each entry in log order.
+// It shows what was appended, whatever any node delivered.
+func (cl *cluster) logSeqs(t testing.TB) map[string][]int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rc := redis.NewClient(&redis.Options{Addr: cl.redis.Addr})
+	defer rc.Close()
+	keys, err := rc.Keys(ctx, "sse:*:log").Result()
+	if err != nil {
+		t.Fatalf("redis KEYS: %v", err)
+	}
+	out := map[string][]int64{}
+	for _, k := range keys {
+		entries, err := rc.XRange(ctx, k, "-", "+").Result()
+		if err != nil {
+			t.Fatalf("redis XRANGE %s: %v", k, err)
+		}
+		for _, e := range entries {
+			d, _ := e.Values["d"].(string)
+			seq := int64(-1)
+			if _, after, ok := strings.Cut(d, "data: seq="); ok {
+				n, _ := strconv.ParseInt(strings.TrimSpace(strings.SplitN(after, "\n", 2)[0]), 10, 64)
+				seq = n
+			}
+			out[k] = append(out[k], seq)
 		}
 	}
 	return out

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -8,6 +9,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/redisbroker"
 )
 
 // The harness's own tests: they run against the in-memory broker (each
@@ -256,4 +259,39 @@ func TestClusterLogicOnSharedHub(t *testing.T) {
 	t.Run("one upstream", func(t *testing.T) { oneUpstreamPerKey(t, cl, false) })
 	t.Run("hopping", func(t *testing.T) { hoppingClients(t, cl) })
 	t.Run("reload", func(t *testing.T) { reloadUnderLoad(t, cl, false) })
+}
+
+// TestLogSeqs: logSeqs reads what internal/redisbroker appends (the layout
+// the paused-leader test inspects), and sees a late append if one got in.
+func TestLogSeqs(t *testing.T) {
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		t.Skip("redis-server not installed")
+	}
+	cl := &cluster{t: t, redis: startRedis(t, false)}
+	rc, err := redisbroker.NewClient("redis://" + cl.redis.Addr + "/0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	ctx := context.Background()
+	s := redisbroker.New(rc, redisbroker.Options{Prefix: "sse:"}).Stream("some key")
+	lease, ok, err := s.Acquire(ctx)
+	if err != nil || !ok {
+		t.Fatalf("acquire: %v %v", ok, err)
+	}
+	for _, seq := range []int{1, 2, 3, 2} {
+		data := []byte(fmt.Sprintf("id: %d\ndata: seq=%d\n\n", seq, seq))
+		if _, err := s.Append(ctx, lease, redisbroker.Event{ID: fmt.Sprint(seq), Data: data}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	logs := cl.logSeqs(t)
+	if len(logs) != 1 {
+		t.Fatalf("logs %v, want one", logs)
+	}
+	for k, seqs := range logs {
+		if fmt.Sprint(seqs) != "[1 2 3 2]" {
+			t.Errorf("%s: seqs %v, want [1 2 3 2]", k, seqs)
+		}
+	}
 }
