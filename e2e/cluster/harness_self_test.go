@@ -195,12 +195,7 @@ func TestHarnessSignals(t *testing.T) {
 // TestHarnessRedis: with appendonly a restart keeps the data, without it
 // loses it; Do speaks RESP.
 func TestHarnessRedis(t *testing.T) {
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		if os.Getenv("SSE_REQUIRE_REDIS") == "1" {
-			t.Fatalf("redis-server not found and SSE_REQUIRE_REDIS=1: %v", err)
-		}
-		t.Skip("redis-server not installed")
-	}
+	needRedis(t)
 	for _, persist := range []bool{true, false} {
 		r := startRedis(t, persist)
 		if _, err := r.Do("SET", "k", "v"); err != nil {
@@ -264,9 +259,7 @@ func TestClusterLogicOnSharedHub(t *testing.T) {
 // TestLogSeqs: logSeqs reads what internal/redisbroker appends (the layout
 // the paused-leader test inspects), and sees a late append if one got in.
 func TestLogSeqs(t *testing.T) {
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		t.Skip("redis-server not installed")
-	}
+	needRedis(t)
 	cl := &cluster{t: t, redis: startRedis(t, false)}
 	rc, err := redisbroker.NewClient("redis://" + cl.redis.Addr + "/0")
 	if err != nil {
@@ -293,5 +286,17 @@ func TestLogSeqs(t *testing.T) {
 		if fmt.Sprint(seqs) != "[1 2 3 2]" {
 			t.Errorf("%s: seqs %v, want [1 2 3 2]", k, seqs)
 		}
+	}
+}
+
+// needRedis skips the test without redis-server, or fails it when
+// SSE_REQUIRE_REDIS=1 (CI).
+func needRedis(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("SSE_REQUIRE_REDIS") == "1" {
+			t.Fatalf("redis-server not found and SSE_REQUIRE_REDIS=1: %v", err)
+		}
+		t.Skip("redis-server not installed")
 	}
 }
