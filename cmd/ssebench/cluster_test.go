@@ -84,6 +84,11 @@ func TestClusterTable(t *testing.T) {
 		}
 	}
 	b.Reset()
+	writeClusterTable(&b, append(rs, result{Proxy: "nodes", Clients: 900, Mode: "stream", Nodes: 3, CPUPerEvUs: 2.2, P99us: 5000, Delivered: 1}))
+	if w := "| nodes | 900 | 3 | 2.20 | 1.10× | – | – | 5.0 | +0.0 | – | – | – |  |"; !strings.Contains(b.String(), w) {
+		t.Errorf("table lacks %q:\n%s", w, b.String())
+	}
+	b.Reset()
 	writeClusterTable(&b, rs[:1])
 	if b.Len() != 0 {
 		t.Errorf("no cluster results, yet a table:\n%s", b.String())

@@ -168,9 +168,14 @@ func writeClusterTable(w io.Writer, rs []result) {
 			xr = ratio(r.CPUPerEvUs+r.RedisCPUPerEvUs, f.CPUPerEvUs)
 			dp99 = fmt.Sprintf("%+.1f", (r.P99us-f.P99us)/1000)
 		}
-		fmt.Fprintf(w, "| %s | %d | %d | %.2f | %s | %.2f | %s | %s | %s | %.1f | %.1f | %.2f | %s |\n",
-			r.Proxy, r.Clients, r.Nodes, r.CPUPerEvUs, x, r.RedisCPUPerEvUs, xr, ms(r.P99us), dp99,
-			r.RedisCPUPercent, r.RedisCallsPerEv, r.RedisScriptsPerEv, r.RedisTop)
+		redisEv, redisPct, calls, scripts, top := fmt.Sprintf("%.2f", r.RedisCPUPerEvUs), fmt.Sprintf("%.1f", r.RedisCPUPercent),
+			fmt.Sprintf("%.1f", r.RedisCallsPerEv), fmt.Sprintf("%.2f", r.RedisScriptsPerEv), r.RedisTop
+		if r.Proxy == "nodes" { // no Redis at all
+			redisEv, redisPct, calls, scripts, top, xr = "–", "–", "–", "–", "", "–"
+		}
+		fmt.Fprintf(w, "| %s | %d | %d | %.2f | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+			r.Proxy, r.Clients, r.Nodes, r.CPUPerEvUs, x, redisEv, xr, ms(r.P99us), dp99,
+			redisPct, calls, scripts, top)
 	}
 }
 
