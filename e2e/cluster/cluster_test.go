@@ -316,16 +316,23 @@ func names(ns []*node) []string {
 }
 
 // TestClusterRedisRestart: redis-server restarted under load, with and
-// without persistence. No node stays deaf: within a bound after Redis is
-// back, clients on every node get new events again, and every event from
-// then on. With persistence nothing is lost at all (the backend has ids, so
-// the leader can resume it). Without, the history is gone: a gap is always
-// announced by a reset event, and a client that comes back with an id from
-// before the restart gets a reset event, not a silent jump.
+// without persistence, and once killed and down for 3 s (long enough for
+// every node's Redis connections to fail and back off). No node stays deaf:
+// within a bound after Redis is back, clients on every node get new events
+// again, and every event from then on. With persistence nothing is lost at
+// all (the backend has ids, so the leader can resume it). Without, the
+// history is gone: a gap is always announced by a reset event, and a client
+// that comes back with an id from before the restart is resumed exactly or
+// gets a reset event, never a silent jump.
 func TestClusterRedisRestart(t *testing.T) {
 	needCluster(t)
-	for _, persist := range []bool{true, false} {
-		t.Run(fmt.Sprintf("persist=%v", persist), func(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		persist bool
+		down    time.Duration // 0: a clean restart (SIGTERM); else SIGKILL and this long down
+	}{{"persist", true, 0}, {"no-persist", false, 0}, {"killed-3s", false, 3 * time.Second}} {
+		persist := tc.persist
+		t.Run(tc.name, func(t *testing.T) {
 			path := "/ids/redis"
 			cl := startCluster(t, clusterOpts{persist: persist})
 			g := newGroup(t)
@@ -336,7 +343,14 @@ func TestClusterRedisRestart(t *testing.T) {
 			before := g.clients[0].LastID()
 			beforeSeq := g.clients[0].LastSeq()
 
-			cl.redis.Restart()
+			if tc.down == 0 {
+				cl.redis.Restart()
+			} else {
+				cl.redis.Kill()
+				// The outage itself, not a wait for something.
+				time.Sleep(tc.down)
+				cl.redis.Start()
+			}
 			back := time.Now()
 			// Deaf nodes would never pass this.
 			g.waitPast(t, f.Seq()+cl.events(500*time.Millisecond), 10*time.Second)
