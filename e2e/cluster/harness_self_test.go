@@ -209,6 +209,15 @@ func TestHarnessRedis(t *testing.T) {
 		if want := map[bool]string{true: "v", false: ""}[persist]; got != want {
 			t.Errorf("persist=%v: after a restart GET k = %q, want %q", persist, got, want)
 		}
+		// Killed and started again (what the killed-3s case does).
+		r.Kill()
+		if _, err := r.Do("PING"); err == nil {
+			t.Error("a killed redis-server answered")
+		}
+		r.Start()
+		if _, err := r.Do("PING"); err != nil {
+			t.Errorf("after Kill and Start: %v", err)
+		}
 	}
 }
 
