@@ -33,7 +33,7 @@ func theHub(t testing.TB) *hub {
 func (hb *hub) cached() []*event {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
-	evs, _ := hb.buf.after(nil, 0, 0)
+	evs, _ := hb.win.after(nil, 0, 0)
 	return evs
 }
 

@@ -171,7 +171,7 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 	for {
 		hb.mu.Lock()
 		var ok bool
-		batch, ok = hb.buf.after(batch[:0], c.cursor, maxBatch)
+		batch, ok = hb.win.after(batch[:0], c.cursor, maxBatch)
 		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil)
 		wake = hb.wake
 		if c.z != nil {
