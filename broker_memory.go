@@ -41,7 +41,7 @@ type memoryStream struct {
 	epoch string
 	last  uint64 // offset of the last append
 	buf   *memoryReplay
-	wake  chan struct{} // closed and replaced at every append
+	wake  chan struct{} // closed at the next append; made by Notify, nil when nobody waits
 }
 
 // memoryLease is the one lease of a memory stream.
@@ -51,7 +51,6 @@ func newMemoryStream(limits HistoryLimits) *memoryStream {
 	return &memoryStream{
 		epoch: newEpoch(),
 		buf:   newMemoryReplay(replayLimits{events: limits.Events, bytes: limits.Bytes, age: limits.Age}),
-		wake:  make(chan struct{}),
 	}
 }
 
@@ -82,8 +81,10 @@ func (m *memoryStream) Append(ctx context.Context, lease Lease, ev StoredEvent) 
 	defer m.mu.Unlock()
 	m.last++
 	m.buf.add(&event{seq: m.last, id: ev.ID, data: ev.Data, at: ev.At})
-	close(m.wake)
-	m.wake = make(chan struct{})
+	if m.wake != nil { // made only when asked for: the hub that appends does not wait
+		close(m.wake)
+		m.wake = nil
+	}
 	return Position{Epoch: m.epoch, Offset: m.last}, nil
 }
 
@@ -119,6 +120,9 @@ func (m *memoryStream) Find(ctx context.Context, id string) (Position, bool, err
 func (m *memoryStream) Notify() <-chan struct{} {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.wake == nil {
+		m.wake = make(chan struct{})
+	}
 	return m.wake
 }
 

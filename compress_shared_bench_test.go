@@ -34,7 +34,7 @@ func newBenchHub(tb testing.TB, n int, enc string, perClient bool) *benchHub {
 	bh := &benchHub{hb: hb, w: &hubWriter{hub: hb, ctx: context.Background(), lease: Lease{Token: memoryLease}, header: http.Header{"Content-Type": {"text/event-stream"}}}}
 	for range n {
 		c := &fanoutClient{hub: hb, pol: unboundedPolicy(h), encoding: mustCoding(cmp.Or(enc, "identity"))}
-		c.out = newClientConn(wireCounter{ResponseWriter: &nullResponse{h: http.Header{}}, n: &c.wire}, 0)
+		c.out = newClientConn(wireCounter{ResponseWriter: &fakeWriter{}, n: &c.wire}, 0)
 		switch {
 		case enc == "":
 		case perClient:

@@ -302,7 +302,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		return caddyhttp.Error(http.StatusServiceUnavailable, errStreamEnded) // shutting down
 	}
 	// A compressed client writes what the hub's shared compressor encoded
-	// once for all clients (compress.go); it holds no compressor itself.
+	// once for all clients (compress_shared.go); it holds no compressor itself.
 	c.z = hb.attachShared(encoding)
 	first := h.preludeFor(encoding)
 	if reset {

@@ -76,7 +76,7 @@ type hub struct {
 	epochSeq   uint64 // the window seq of offset 0 of that epoch
 	heartbeat  *time.Timer
 	destroyed  bool
-	zc         [numCodings]sharedCompressor // one per encoding clients use (compress.go)
+	zc         [numCodings]sharedCompressor // one per coding clients use (compress_shared.go)
 	dlOnce     sync.Once
 	dl         []*deliverer // delivery loops of detached clients (detach.go)
 }

@@ -21,7 +21,7 @@ type event struct {
 	id   string    // the id clients see (the backend's or a synthesized one); "" for none
 	data []byte    // the bytes every client is sent
 	at   time.Time // when the hub received it, for the age bound
-	z    *eventZ   // data as the hub's shared compressors encoded it (compress.go), or nil
+	z    *eventZ   // data as the hub's shared compressors encoded it (compress_shared.go), or nil
 }
 
 // replayLimits bound a memoryReplay; a zero field is no bound.
