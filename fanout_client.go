@@ -114,9 +114,7 @@ func (c *fanoutClient) writeFailed(err error) error {
 // count, so that only heartbeats due from now on are written.
 func (c *fanoutClient) start(first []byte) error {
 	c.prevLag = ^uint64(0)
-	c.hub.mu.Lock()
-	c.beats = c.hub.beats
-	c.hub.mu.Unlock()
+	c.beats = c.hub.heartbeats()
 	if err := c.writeOwn(time.Now(), first); err != nil {
 		return c.writeFailed(err)
 	}

@@ -32,7 +32,8 @@ var hubs = caddy.NewUsagePool()
 // Locks, in the order they are taken: pubMu (one publisher at a time,
 // held across broker calls), then mu (the hub's state; never held across
 // a broker call or a client write), then a deliverer's mu (detach.go).
-// compress_shared.go, detach.go and metrics.go take mu too, briefly.
+// Outside hub.go only the hub's own methods in compress_shared.go and the
+// client's step (fanout_client.go) take mu; the rest use the accessors.
 //
 // Goroutines of a hub: the upstream loop (runUpstream, one per upstream
 // connection, ended by its cancel or by Destruct), the heartbeat timer's
@@ -121,6 +122,35 @@ func (hb *hub) Destruct() error {
 	up.stop()
 	old.stop()
 	return hb.stream.Close()
+}
+
+// lag is how many events the window holds after cursor.
+func (hb *hub) lag(cursor uint64) uint64 {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	return hb.seq - cursor
+}
+
+// wakeChan is the channel closed at the next change (event, heartbeat,
+// end).
+func (hb *hub) wakeChan() <-chan struct{} {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	return hb.wake
+}
+
+// heartbeats is the count of heartbeats the hub has asked for.
+func (hb *hub) heartbeats() uint64 {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	return hb.beats
+}
+
+// liveClients reports the hub's clients, and whether it is still live.
+func (hb *hub) liveClients() (int, bool) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	return hb.clients, !hb.destroyed
 }
 
 func (hb *hub) broadcastLocked() {
