@@ -19,6 +19,7 @@ package caddysse
 import (
 	"context"
 	"errors"
+	"net/http"
 	"strconv"
 	"strings"
 	"time"
@@ -54,6 +55,21 @@ type HistoryLimits struct {
 // is not the current one (a node that lost its lease without noticing).
 type Lease struct {
 	Token uint64
+	// Lost is closed when the broker learns the lease is gone (a renewal
+	// refused or overdue, an append fenced): its holder must stop its
+	// upstream at once. Nil for a lease that cannot be lost.
+	Lost <-chan struct{}
+	// Every is how often a node refused the lease asks again (a third of
+	// the lease's lifetime); 0 when Lead never refuses.
+	Every time.Duration
+}
+
+// Response is the head of the upstream's response, which the leader
+// publishes (SetResponse) so that nodes that do not run the upstream can
+// answer their clients with it.
+type Response struct {
+	Status int
+	Header http.Header
 }
 
 // Broker is a fan-out history backend, a Caddy module in the
@@ -68,8 +84,18 @@ type Broker interface {
 type BrokerStream interface {
 	// Lead asks whether this node may run the upstream: ok with a lease
 	// whose token fences its appends, or not ok while another node holds
-	// it. The memory broker always says yes.
+	// it (lease.Every then says when to ask again). The broker keeps a
+	// granted lease alive until Resign or Close. The memory broker always
+	// says yes.
 	Lead(ctx context.Context) (lease Lease, ok bool, err error)
+	// Resign gives a lease up at once, so that another node can take over
+	// without waiting for it to expire.
+	Resign(lease Lease)
+	// SetResponse publishes the upstream's response head, fenced by lease
+	// like an append; Response returns the last one published (ok false
+	// if none).
+	SetResponse(ctx context.Context, lease Lease, resp Response) error
+	Response(ctx context.Context) (resp Response, ok bool, err error)
 	// Next is the position the next append will get. The leader names
 	// synthesized ids after it (SynthesizedID), so that any node can map
 	// such an id back to its position without a look-up.
@@ -80,6 +106,8 @@ type BrokerStream interface {
 	// Read appends to dst the events after pos, at most max of them (max
 	// > 0). gapless is false when some of them are gone (evicted, or pos
 	// is of another epoch): a reader at pos cannot get a gapless stream.
+	// The zero Position reads from the oldest event held (a backlog);
+	// gapless is then always true.
 	Read(ctx context.Context, after Position, max int, dst []StoredEvent) (_ []StoredEvent, gapless bool, err error)
 	// Find returns the position of the newest held event with this id.
 	Find(ctx context.Context, id string) (pos Position, found bool, err error)

@@ -42,6 +42,7 @@ type memoryStream struct {
 	last  uint64 // offset of the last append
 	buf   *memoryReplay
 	wake  chan struct{} // closed at the next append; made by Notify, nil when nobody waits
+	resp  *Response
 }
 
 // memoryLease is the one lease of a memory stream.
@@ -59,6 +60,33 @@ func (m *memoryStream) Lead(ctx context.Context) (Lease, bool, error) {
 		return Lease{}, false, err
 	}
 	return Lease{Token: memoryLease}, true, nil
+}
+
+func (m *memoryStream) Resign(Lease) {}
+
+func (m *memoryStream) SetResponse(ctx context.Context, lease Lease, resp Response) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if lease.Token != memoryLease {
+		return ErrFenced
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.resp = &resp
+	return nil
+}
+
+func (m *memoryStream) Response(ctx context.Context) (Response, bool, error) {
+	if err := ctx.Err(); err != nil {
+		return Response{}, false, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.resp == nil {
+		return Response{}, false, nil
+	}
+	return *m.resp, true, nil
 }
 
 func (m *memoryStream) Next(ctx context.Context) (Position, error) {
@@ -97,7 +125,11 @@ func (m *memoryStream) Read(ctx context.Context, after Position, max int, dst []
 	if after.Epoch != m.epoch && after != (Position{}) {
 		return dst, false, nil // another epoch's position: its history is gone
 	}
-	evs, gapless := m.buf.after(nil, after.Offset, max)
+	from := after.Offset
+	if after == (Position{}) && len(m.buf.events) > 0 {
+		from = m.buf.events[0].seq - 1 // a backlog: from the oldest held
+	}
+	evs, gapless := m.buf.after(nil, from, max)
 	for _, ev := range evs {
 		dst = append(dst, StoredEvent{Pos: Position{Epoch: m.epoch, Offset: ev.seq}, ID: ev.id, Data: ev.data, At: ev.at})
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -235,6 +236,18 @@ var fanoutUsage = map[string]string{
 	"max_clients":       "<clients>",
 	"max_clients_total": "<clients>",
 	"any_accept":        "(a flag, no arguments)",
+	"cluster":           "redis { address <url>; prefix <prefix>; lease_ttl <duration> } (a block)",
+}
+
+// clusterUsage is each option's syntax in a cluster redis block.
+var clusterUsage = map[string]string{
+	"address":     "<redis://host:port/db URL>",
+	"addresses":   "<host:port>... (Sentinels with master_name, else Redis Cluster nodes)",
+	"master_name": "<name>",
+	"username":    "<user>",
+	"password":    "<password>",
+	"prefix":      "<key prefix>",
+	"lease_ttl":   "<duration>",
 }
 
 // unmarshalCaddyfile reads the fanout block; its errors carry the line
@@ -245,6 +258,12 @@ func (f *Fanout) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		opt := d.Val()
 		if err := once(d, seen, "fanout: "); err != nil {
 			return err
+		}
+		if opt == "cluster" {
+			if err := f.unmarshalCluster(d); err != nil {
+				return err
+			}
+			continue
 		}
 		if err := f.unmarshalOption(opt, d.RemainingArgs()); err != nil {
 			return d.Errf("fanout: %s: %v", opt, err)
@@ -360,4 +379,73 @@ func parseCount(s string, lowest int) (int, error) {
 		return n, fmt.Errorf("%d is below the minimum of %d", n, lowest)
 	}
 	return n, checkCount(n)
+}
+
+// unmarshalCluster reads `cluster redis { ... }` into the broker: the Redis
+// broker module (broker_redis.go), with the same range checks as its
+// Provision.
+func (f *Fanout) unmarshalCluster(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) != 1 || args[0] != "redis" {
+		return d.Errf("fanout: cluster: want cluster %s", fanoutUsage["cluster"])
+	}
+	b := new(RedisBroker)
+	seen := make(map[string]int)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if err := once(d, seen, "fanout: cluster: "); err != nil {
+			return err
+		}
+		if err := b.unmarshalOption(opt, d.RemainingArgs()); err != nil {
+			return d.Errf("fanout: cluster: %s: %v", opt, err)
+		}
+	}
+	if b.Address == "" && len(b.Addresses) == 0 {
+		return d.Errf("fanout: cluster: address (or addresses) is required")
+	}
+	if b.Address != "" && len(b.Addresses) > 0 {
+		return d.Errf("fanout: cluster: address and addresses are exclusive")
+	}
+	if b.MasterName != "" && len(b.Addresses) == 0 {
+		return d.Errf("fanout: cluster: master_name needs addresses (the Sentinels)")
+	}
+	f.BrokerRaw = caddyconfig.JSONModuleObject(b, "name", "redis", nil)
+	return nil
+}
+
+// unmarshalOption sets one option of a cluster redis block.
+func (b *RedisBroker) unmarshalOption(opt string, args []string) error {
+	usage, known := clusterUsage[opt]
+	if !known {
+		return errors.New("unrecognized cluster redis option")
+	}
+	if len(args) == 0 || (len(args) > 1 && opt != "addresses") {
+		return fmt.Errorf("wrong argument count: want %s %s", opt, usage)
+	}
+	val := args[0]
+	switch opt {
+	case "address":
+		b.Address = val
+		if !strings.HasPrefix(val, "redis://") && !strings.HasPrefix(val, "rediss://") && !strings.HasPrefix(val, "unix://") {
+			return fmt.Errorf("%q: want a redis:// or rediss:// URL", val)
+		}
+	case "addresses":
+		b.Addresses = args
+	case "master_name":
+		b.MasterName = val
+	case "username":
+		b.Username = val
+	case "password":
+		b.Password = val
+	case "prefix":
+		b.Prefix = val
+	case "lease_ttl":
+		dur, err := caddy.ParseDuration(val)
+		if err != nil {
+			return fmt.Errorf("%q is not a duration (such as 6s)", val)
+		}
+		b.LeaseTTL = caddy.Duration(dur)
+		return checkLeaseTTL(dur)
+	}
+	return nil
 }

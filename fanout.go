@@ -117,8 +117,11 @@ type Fanout struct {
 type fanoutRuntime struct {
 	broker     Broker
 	policy     *clientPolicy
-	poolPrefix string       // the hub settings, which are part of every pool key
-	clients    atomic.Int64 // connected clients of this handler
+	poolPrefix string // the hub settings, which are part of every pool key
+	// streamPrefix is the hub settings without the broker's: what a
+	// stream's name in the broker starts with, the same on every node.
+	streamPrefix string
+	clients      atomic.Int64 // connected clients of this handler
 }
 
 // clientPolicy is what a fan-out client needs of its handler's
@@ -199,6 +202,7 @@ type hubConfig struct {
 	ids          string
 	maxEventSize int
 	heartbeat    time.Duration
+	resetEvent   string
 }
 
 func (h *Handler) hubConfig() hubConfig {
@@ -207,6 +211,7 @@ func (h *Handler) hubConfig() hubConfig {
 		ids:          h.Fanout.IDs,
 		maxEventSize: h.MaxEventSize,
 		heartbeat:    h.heartbeatEvery,
+		resetEvent:   h.Fanout.ResetEvent,
 	}
 }
 
@@ -234,7 +239,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	poolKey := run.poolPrefix + key
 	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
 		limits := HistoryLimits{Events: cfg.limits.events, Bytes: cfg.limits.bytes, Age: cfg.limits.age}
-		stream, err := run.broker.Stream(r.Context(), poolKey, limits)
+		stream, err := run.broker.Stream(r.Context(), run.streamPrefix+key, limits)
 		if err != nil {
 			return nil, fmt.Errorf("fanout: broker: %w", err)
 		}

@@ -170,7 +170,7 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 		hb.mu.Lock()
 		var ok bool
 		batch, ok = hb.win.after(batch[:0], c.cursor, maxBatch)
-		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil)
+		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil) || hb.unavailable
 		wake = hb.wake
 		if c.z != nil {
 			hb.noteWaitingLocked(c.z, batch)

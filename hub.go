@@ -73,13 +73,27 @@ type hub struct {
 	lastBackID string   // the last id the backend sent
 	retry      time.Duration
 	reconnects int
-	epoch      string // the broker epoch of the window's events
-	epochSeq   uint64 // the window seq of offset 0 of that epoch
-	heartbeat  *time.Timer
-	destroyed  bool
-	zc         [numCodings]sharedCompressor // one per coding clients use (compress_shared.go)
-	dlOnce     sync.Once
-	dl         []*deliverer // delivery loops of detached clients (detach.go)
+	epoch      string   // the broker epoch of the window's events
+	epochSeq   uint64   // the window seq of offset 0 of that epoch
+	epochFrom  uint64   // the first offset of that epoch the mapping holds for (a gap re-bases it)
+	head       Position // the broker position of the window's newest event from the broker
+	// Cluster mode (a shared broker): whether this node leads the stream
+	// (runs its upstream, with lease), or follows it from the broker
+	// (follow, started the first time the lease is refused).
+	leading     bool
+	leaseHeld   bool
+	lease       Lease
+	needReset   bool      // the next upstream connection of an id-less backend starts with the reset event
+	brokerDown  time.Time // when the broker began failing, zero while it answers
+	unavailable bool      // the broker failed for longer than brokerOutage: clients end with a retry
+	followOnce  sync.Once
+	followCtx   context.Context // ends with the hub
+	followStop  context.CancelFunc
+	heartbeat   *time.Timer
+	destroyed   bool
+	zc          [numCodings]sharedCompressor // one per coding clients use (compress_shared.go)
+	dlOnce      sync.Once
+	dl          []*deliverer // delivery loops of detached clients (detach.go)
 }
 
 func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger, stream BrokerStream) *hub {
@@ -93,6 +107,7 @@ func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger, stream B
 		wake:    make(chan struct{}),
 		sources: make(map[*fanoutRuntime]*source),
 	}
+	hb.followCtx, hb.followStop = context.WithCancel(context.Background())
 	hb.logger = logger.With(zap.String("stream", hb.keyHash))
 	for i := range hb.zc {
 		hb.zc[i].enc = coding(i)
@@ -119,6 +134,7 @@ func (hb *hub) Destruct() error {
 	hb.idleShared()
 	hb.broadcastLocked()
 	hb.mu.Unlock()
+	hb.followStop()
 	up.stop()
 	old.stop()
 	return hb.stream.Close()
@@ -241,7 +257,7 @@ func (hb *hub) position(ctx context.Context, lastID string, replayOnConnect int,
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
 	if lastID != "" {
-		if known && pos.Epoch == hb.epoch {
+		if known && pos.Epoch == hb.epoch && pos.Offset >= hb.epochFrom {
 			if seq := hb.epochSeq + pos.Offset; seq <= hb.seq && hb.win.held(seq) {
 				return seq, hb.seq - seq, false, true
 			}
@@ -311,17 +327,17 @@ func (hb *hub) beatLocked() {
 
 // publish appends one complete event to the broker, then adds it to the
 // window and wakes the clients.
-func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte, info sse.Event) {
+func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte, info sse.Event) error {
 	hb.pubMu.Lock()
 	defer hb.pubMu.Unlock()
 	hb.mu.Lock()
 	if gen != hb.liveGen {
 		hb.mu.Unlock()
-		return // a replaced upstream's late event
+		return nil // a replaced upstream's late event
 	}
 	if hb.repeatsOverlap(raw, info) {
 		hb.mu.Unlock()
-		return
+		return nil
 	}
 	id := ""
 	if info.HasID() && !info.IDTooLong() {
@@ -329,7 +345,6 @@ func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte,
 	}
 	if info.HasID() {
 		hb.backendIDs = true
-		hb.lastBackID = id
 	}
 	if info.Retry() >= 0 {
 		hb.retry = time.Duration(min(info.Retry(), int64(maxBackoff/time.Millisecond))) * time.Millisecond
@@ -343,8 +358,7 @@ func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte,
 	if synthesize {
 		var err error
 		if next, err = hb.stream.Next(ctx); err != nil {
-			hb.brokerFailed("next position", err)
-			return
+			return hb.brokerFailed("next position", err)
 		}
 		id = SynthesizedID(next)
 		data = sse.WithID(raw, id)
@@ -354,8 +368,7 @@ func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte,
 	now := time.Now()
 	pos, err := hb.stream.Append(ctx, lease, StoredEvent{ID: id, Data: data, At: now})
 	if err != nil {
-		hb.brokerFailed("append", err)
-		return
+		return hb.brokerFailed("append", err)
 	}
 	if synthesize && pos != next {
 		// Only the lease holder appends, so this is not expected; the id
@@ -365,33 +378,55 @@ func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte,
 
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
+	if info.HasID() {
+		// Only once it is in the history: a new upstream connection resumes
+		// the backend after the last event the stream holds.
+		hb.lastBackID = id
+	}
 	hb.addLocked(pos, id, data, now)
+	return nil
 }
 
 // addLocked adds an event of the broker's history to the window and wakes
 // the clients. The hub's lock is held.
 func (hb *hub) addLocked(pos Position, id string, data []byte, at time.Time) {
-	if pos.Epoch != hb.epoch {
-		if hb.epoch != "" {
+	if pos.Epoch != hb.epoch || hb.epochSeq+pos.Offset != hb.seq+1 {
+		if hb.epoch != "" && pos.Epoch != hb.epoch {
 			// The broker's history restarted: clients go on from the window,
 			// ids of the old epoch are no longer found.
 			hb.logger.Warn("broker history began a new epoch; ids from before it can no longer be resumed")
 		}
-		hb.epoch, hb.epochSeq = pos.Epoch, hb.seq-(pos.Offset-1)
+		// A new epoch, or offsets that skip (a follower that missed
+		// trimmed events, or a local reset event before them): offsets map
+		// to window seqs from here on only, so that no id from before the
+		// jump can name the wrong event.
+		hb.epoch, hb.epochSeq, hb.epochFrom = pos.Epoch, hb.seq+1-pos.Offset, pos.Offset
 	}
 	hb.seq++
+	hb.head = pos
 	hb.win.add(&event{seq: hb.seq, id: id, data: data, at: at, z: hb.compressShared(data)})
 	hb.lastPub = at
 	hb.broadcastLocked()
 }
 
 // brokerFailed logs an event the broker did not take: clients do not get
-// it (it has no position), the stream goes on.
-func (hb *hub) brokerFailed(op string, err error) {
+// it (it has no position, and nothing is made up). The error ends the
+// upstream connection: the leader connects again once the broker answers
+// (resuming a backend with ids after the last event held), or another node
+// takes over if the lease is lost meanwhile.
+func (hb *hub) brokerFailed(op string, err error) error {
 	if errors.Is(err, context.Canceled) {
-		return // the upstream is being stopped
+		return err // the upstream is being stopped
 	}
-	hb.logger.Error("broker failed; dropping the event", zap.String("op", op), zap.Error(err))
+	hb.mu.Lock()
+	hb.needReset = true // an id-less backend cannot resend what was dropped
+	hb.mu.Unlock()
+	if errors.Is(err, ErrFenced) {
+		hb.logger.Warn("lost the lease of this stream; another node runs the upstream", zap.String("op", op))
+		return err
+	}
+	hb.logger.Error("broker failed; dropping the event and reconnecting the upstream", zap.String("op", op), zap.Error(err))
+	return err
 }
 
 // repeatsOverlap handles the moment one upstream connection replaces
@@ -437,6 +472,7 @@ func (hb *hub) report(now time.Time) streamStatus {
 		CacheBytes:    bytes,
 		Reconnects:    hb.reconnects,
 		Events:        int64(hb.seq),
+		Leader:        &hb.leading,
 	}
 	if ev, _ := hb.win.after(nil, hb.seq-1, 1); len(ev) == 1 {
 		st.LastEventID = formatID([]byte(ev[0].id))

@@ -157,6 +157,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		// Handlers share a hub only when they agree on its settings and
 		// its broker (LoadModule below forgets the raw config).
 		h.fan.poolPrefix = fmt.Sprintf("%v\x00%s\x00", h.hubConfig(), h.Fanout.BrokerRaw)
+		h.fan.streamPrefix = fmt.Sprintf("%v\x00", h.hubConfig())
 		h.fan.broker = new(MemoryBroker)
 		if h.Fanout.BrokerRaw != nil {
 			mod, err := ctx.LoadModule(h.Fanout, "BrokerRaw")

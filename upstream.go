@@ -99,27 +99,75 @@ func (hb *hub) dropSource(run *fanoutRuntime) {
 // one continuous stream. A backend answer that is not a stream ends it.
 func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 	defer close(u.done)
+	defer hb.resignIfIdle()
 	backoff := time.Duration(0)
 	for {
 		// Only the lease holder runs the upstream (the memory broker always
-		// grants it). A node without the lease asks again later.
-		// TODO(cluster): meanwhile follow the broker (Notify, then Read
-		// into the window) and share the upstream's header through it.
-		lease, ok, err := hb.stream.Lead(ctx)
+		// grants it). A node without the lease follows the stream from the
+		// broker (hub_follow.go) and asks again every lease.Every.
+		lease, fresh, ok, err := hb.lead(ctx)
 		if err != nil || !ok {
 			if ctx.Err() != nil {
 				return
 			}
-			backoff = min(max(2*backoff, 500*time.Millisecond), maxBackoff)
-			hb.logger.Debug("not leading this stream; asking again later", zap.Duration("after", backoff), zap.Error(err))
-			if !sleepCtx(ctx, backoff) {
+			wait := lease.Every
+			if err != nil || wait <= 0 {
+				backoff = min(max(2*backoff, 500*time.Millisecond), maxBackoff)
+				wait = backoff
+			}
+			if err != nil {
+				hb.logger.Debug("broker could not tell who leads this stream; asking again later", zap.Duration("after", wait), zap.Error(err))
+			}
+			if !sleepCtx(ctx, wait) {
 				return
 			}
 			continue
 		}
-		streamed, notStream, err := hb.connect(ctx, src, u.gen, lease)
+		if lease.Lost != nil {
+			// A shared history: take what the previous leader (or this node,
+			// before a failed append) put in it, so that the window is
+			// complete and the backend is resumed after its last event.
+			cctx, cancel := context.WithTimeout(ctx, redisCallTimeout)
+			err := hb.catchUp(cctx)
+			cancel()
+			if err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				backoff = min(max(2*backoff, 500*time.Millisecond), maxBackoff)
+				hb.logger.Warn("broker unreachable; the upstream waits for it", zap.Duration("after", backoff), zap.Error(err))
+				if !sleepCtx(ctx, backoff) {
+					return
+				}
+				continue
+			}
+			if fresh {
+				hb.mu.Lock()
+				hb.needReset = hb.needReset || hb.seq > 0 // what was sent while nobody led is lost
+				hb.mu.Unlock()
+			}
+		}
+		// The connection ends at once when the lease is lost: another node
+		// may be running the upstream already.
+		cctx, cancel := context.WithCancel(ctx)
+		if lease.Lost != nil {
+			go func() {
+				select {
+				case <-lease.Lost:
+					cancel()
+				case <-cctx.Done():
+				}
+			}()
+		}
+		streamed, notStream, err := hb.connect(cctx, src, u.gen, lease)
+		cancel()
 		if ctx.Err() != nil {
 			return
+		}
+		if isClosed(lease.Lost) {
+			hb.lostLease(lease)
+			hb.logger.Warn("lost the lease of this stream; following it from the broker")
+			continue
 		}
 		hb.mu.Lock()
 		if hb.up != u || u.orphan {
@@ -223,7 +271,15 @@ func (w *hubWriter) WriteHeader(status int) {
 		return
 	}
 	w.streaming = true
-	w.hub.streamStarted(w.gen, status, w.header.Clone())
+	header := w.header.Clone()
+	w.hub.streamStarted(w.gen, status, header)
+	// Followers answer their clients with it (cluster mode).
+	if err := w.hub.stream.SetResponse(w.ctx, w.lease, Response{Status: status, Header: header}); err != nil && !errors.Is(err, context.Canceled) {
+		w.hub.logger.Warn("broker did not take the upstream's response head", zap.Error(err))
+	}
+	if reset := w.hub.takeReset(); reset != nil {
+		_, _ = w.Write(reset)
+	}
 }
 
 var errNotStream = errors.New("sse: upstream response is not an event stream")
@@ -249,8 +305,11 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 			w.dropOversize()
 			w.frame.Drop()
 		default:
-			w.publish(w.frame.Take(chunk))
+			err := w.publish(w.frame.Take(chunk))
 			w.frame.Release()
+			if err != nil {
+				return off, err // the broker failed: this connection ends, runUpstream decides what next
+			}
 		}
 		w.oversize = false
 		start = off
@@ -273,15 +332,15 @@ func (w *hubWriter) dropOversize() {
 		zap.Int("max_event_size", w.hub.cfg.maxEventSize))
 }
 
-func (w *hubWriter) publish(raw []byte) {
+func (w *hubWriter) publish(raw []byte) error {
 	info := w.frame.Event()
 	if info.LeadingLF() {
 		raw = raw[1:] // the partner of the previous event's CR
 	}
 	if !info.HasFields() {
-		return // the backend's own heartbeats: the hub sends its own
+		return nil // the backend's own heartbeats: the hub sends its own
 	}
-	w.hub.publish(w.ctx, w.gen, w.lease, raw, info)
+	return w.hub.publish(w.ctx, w.gen, w.lease, raw, info)
 }
 
 // FlushError: events are published as they complete; nothing to flush.

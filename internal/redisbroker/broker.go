@@ -146,6 +146,7 @@ type Stream struct {
 	b                                     *Broker
 	key                                   string
 	meta, log, ids, lease, fence, channel string
+	resp                                  string
 }
 
 // Stream returns the handle of key.
@@ -161,6 +162,7 @@ func (b *Broker) Stream(key string) *Stream {
 		b: b, key: key,
 		meta: base + "meta", log: base + "log", ids: base + "ids",
 		lease: base + "lease", fence: base + "fence", channel: base + "notify",
+		resp: base + "resp",
 	}
 }
 
@@ -470,4 +472,41 @@ func parseEntry(r any) (Entry, error) {
 		}
 	}
 	return e, nil
+}
+
+// setResponseScript stores the leader's upstream response (status and
+// header, opaque bytes to this package), fenced like an append so that a
+// stale leader cannot overwrite what the current one published.
+// KEYS: lease resp. ARGV: token data ttlMs.
+var setResponseScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+`)
+
+// SetResponse stores data (the upstream's response head, as the caller
+// encodes it) under the stream's P{K}:resp key, expiring with the stream's
+// other keys, if lease is still the holder's; otherwise ErrNotLeader.
+func (s *Stream) SetResponse(ctx context.Context, lease Lease, data []byte) error {
+	n, err := setResponseScript.Run(ctx, s.b.client, []string{s.lease, s.resp}, lease.value, data, ms(s.b.opts.KeyTTL)).Int64()
+	if err != nil {
+		return fmt.Errorf("redisbroker: set response %q: %w", s.key, err)
+	}
+	if n != 1 {
+		return ErrNotLeader
+	}
+	return nil
+}
+
+// Response returns what the leader stored with SetResponse; ok is false if
+// nothing is stored (no leader streamed yet, or the key expired).
+func (s *Stream) Response(ctx context.Context) (data []byte, ok bool, err error) {
+	data, err = s.b.client.Get(ctx, s.resp).Bytes()
+	if errors.Is(err, redis.Nil) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("redisbroker: response %q: %w", s.key, err)
+	}
+	return data, true, nil
 }

@@ -17,6 +17,8 @@
 //	P{K}:lease   string: "<fence>:<nonce>" of the node running the upstream
 //	P{K}:fence   counter: INCR on every acquisition (the fencing token)
 //	P{K}:notify  Pub/Sub channel: "<epoch>:<offset>" after every append
+//	P{K}:resp    string: the leader's upstream response head (SetResponse,
+//	             fenced like an append), for followers to answer with
 //
 // # Positions and offsets
 //
