@@ -282,7 +282,14 @@ func (s *redisStream) Lead(ctx context.Context) (Lease, bool, error) {
 	l, ok, err := s.st.Acquire(ctx)
 	s.observe("acquire", start, err)
 	if err != nil || !ok {
-		return Lease{Every: s.ttl / 3}, false, err
+		// Ask again every third of the TTL, or just after the holder's
+		// lease runs out if that comes first: a crashed leader is replaced
+		// within the TTL.
+		every := s.ttl / 3
+		if !l.Expires.IsZero() {
+			every = max(min(every, time.Until(l.Expires)+20*time.Millisecond), 20*time.Millisecond)
+		}
+		return Lease{Every: every}, false, err
 	}
 	head, err := s.st.Head(ctx)
 	s.observe("head", start, err)

@@ -253,6 +253,16 @@ func (hb *hub) position(ctx context.Context, lastID string, replayOnConnect int,
 				hb.logger.Warn("broker could not look up a Last-Event-ID; treating it as unknown", zap.Error(err))
 			}
 		}
+		hb.mu.Lock()
+		head, leading := hb.head, hb.leading
+		hb.mu.Unlock()
+		if known && !leading && (pos.Epoch != head.Epoch || pos.Offset > head.Offset) {
+			// A client from a node further on (cluster mode): take in what
+			// the broker has before placing it.
+			if err := hb.catchUp(ctx); err != nil {
+				hb.logger.Warn("broker could not be read for a Last-Event-ID ahead of this node", zap.Error(err))
+			}
+		}
 	}
 	hb.mu.Lock()
 	defer hb.mu.Unlock()

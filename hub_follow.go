@@ -152,7 +152,9 @@ func (hb *hub) readBroker(ctx context.Context) error {
 		if !ok {
 			return nil // nobody streamed yet: nothing to read either
 		}
-		hb.followerStarted(resp)
+		// Clients are answered once the backlog is in the window: a client
+		// resuming with a Last-Event-ID finds it there.
+		defer hb.followerStarted(resp)
 	}
 	hb.pubMu.Lock()
 	defer hb.pubMu.Unlock()

@@ -25,7 +25,7 @@ type Lease struct {
 // acquireScript: KEYS lease fence; ARGV nonce ttlMs fenceTtlMs.
 var acquireScript = redis.NewScript(`
 local cur = redis.call('GET', KEYS[1])
-if cur then return {0, cur} end
+if cur then return {0, cur, redis.call('PTTL', KEYS[1])} end
 local n = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 local v = string.format('%d', n) .. ':' .. ARGV[1]
@@ -44,8 +44,9 @@ return 0
 `)
 
 // Acquire takes the lease if nobody holds it. ok is false when another node
-// holds it; the returned Lease then describes the holder's token (its
-// Expires is zero and it cannot be used to append).
+// holds it; the returned Lease then describes the holder's token and when
+// its lease runs out unless renewed (by this node's clock), the time to ask
+// again; it cannot be used to append.
 func (s *Stream) Acquire(ctx context.Context) (l Lease, ok bool, err error) {
 	ttl := s.b.opts.LeaseTTL
 	start := time.Now()
@@ -55,14 +56,20 @@ func (s *Stream) Acquire(ctx context.Context) (l Lease, ok bool, err error) {
 	if err != nil {
 		return Lease{}, false, fmt.Errorf("redisbroker: acquire %q: %w", s.key, err)
 	}
-	if len(res) != 2 {
+	if len(res) < 2 {
 		return Lease{}, false, fmt.Errorf("redisbroker: acquire %q: bad reply %v", s.key, res)
 	}
 	v, _ := res[1].(string)
 	tok, _, _ := strings.Cut(v, ":")
 	n, _ := strconv.ParseUint(tok, 10, 64)
 	if got, _ := res[0].(int64); got != 1 {
-		return Lease{Token: n}, false, nil
+		l := Lease{Token: n}
+		if len(res) == 3 {
+			if pttl, _ := res[2].(int64); pttl > 0 {
+				l.Expires = start.Add(time.Duration(pttl) * time.Millisecond)
+			}
+		}
+		return l, false, nil
 	}
 	return Lease{Token: n, Expires: start.Add(ttl), value: v}, true, nil
 }
