@@ -177,8 +177,11 @@ func (b *RedisBroker) validate() error {
 // checkLeaseTTL: renewals every third of it must fit Redis round trips,
 // and a crashed leader is replaced within it.
 func checkLeaseTTL(d time.Duration) error {
-	if d < time.Second || d > 5*time.Minute {
-		return fmt.Errorf("%v out of range [1s, 5m]", d)
+	switch {
+	case d < time.Second:
+		return fmt.Errorf("%v is below 1s", d)
+	case d > 5*time.Minute:
+		return fmt.Errorf("%v is over the maximum of 5m", d)
 	}
 	return nil
 }

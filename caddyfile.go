@@ -390,6 +390,9 @@ func (f *Fanout) unmarshalCluster(d *caddyfile.Dispenser) error {
 		return d.Errf("fanout: cluster: want cluster %s", fanoutUsage["cluster"])
 	}
 	b := new(RedisBroker)
+	file, line := d.File(), d.Line()
+	// What is wrong with the block as a whole is the cluster line's fault.
+	blockErr := func(msg string) error { return fmt.Errorf("fanout: cluster: %s, at %s:%d", msg, file, line) }
 	seen := make(map[string]int)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
@@ -401,13 +404,13 @@ func (f *Fanout) unmarshalCluster(d *caddyfile.Dispenser) error {
 		}
 	}
 	if b.Address == "" && len(b.Addresses) == 0 {
-		return d.Errf("fanout: cluster: address (or addresses) is required")
+		return blockErr("address (or addresses) is required")
 	}
 	if b.Address != "" && len(b.Addresses) > 0 {
-		return d.Errf("fanout: cluster: address and addresses are exclusive")
+		return blockErr("address and addresses are exclusive")
 	}
 	if b.MasterName != "" && len(b.Addresses) == 0 {
-		return d.Errf("fanout: cluster: master_name needs addresses (the Sentinels)")
+		return blockErr("master_name needs addresses (the Sentinels)")
 	}
 	f.BrokerRaw = caddyconfig.JSONModuleObject(b, "name", "redis", nil)
 	return nil

@@ -93,6 +93,24 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			}
 		}`, err: "not one of auto, upstream, synthesize"},
 		{in: `sse {
+			fanout {
+				cluster redis {
+					address redis://127.0.0.1:6379/0
+					prefix  app:
+					lease_ttl 3s
+				}
+			}
+		}`, want: Handler{Fanout: &Fanout{BrokerRaw: []byte(`{"address":"redis://127.0.0.1:6379/0","lease_ttl":3000000000,"name":"redis","prefix":"app:"}`)}}},
+		{in: `sse {
+			fanout {
+				cluster redis {
+					addresses 10.0.0.1:26379 10.0.0.2:26379
+					master_name mymaster
+					password secret
+				}
+			}
+		}`, want: Handler{Fanout: &Fanout{BrokerRaw: []byte(`{"addresses":["10.0.0.1:26379","10.0.0.2:26379"],"master_name":"mymaster","name":"redis","password":"secret"}`)}}},
+		{in: `sse {
 			compress zstd gzip
 		}`, want: Handler{Compress: []string{"zstd", "gzip"}}},
 		{in: `sse {
@@ -312,6 +330,18 @@ func TestAdaptRejects(t *testing.T) {
 		{"fanout {\n\t\t\treset_event \"a\nb\"\n\t\t}", `fanout: reset_event: "a\nb" is not a single line, at Caddyfile:4`},
 		{"fanout {\n\t\t\tlinger 5s\n\t\t\tlinger 10s\n\t\t}", "fanout: linger: given twice (first on line 4); give each option once, at Caddyfile:5"},
 		{"fanout {\n\t\t\tkeys x\n\t\t}", "fanout: keys: unrecognized fanout option, at Caddyfile:4"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress redis://r:6379/0\n\t\t\t\tlease_ttl 100ms\n\t\t\t}\n\t\t}", "fanout: cluster: lease_ttl: 100ms is below 1s, at Caddyfile:6"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress redis://r:6379/0\n\t\t\t\tlease_ttl 1h\n\t\t\t}\n\t\t}", "fanout: cluster: lease_ttl: 1h0m0s is over the maximum of 5m, at Caddyfile:6"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress redis://r:6379/0\n\t\t\t\tlease_ttl soon\n\t\t\t}\n\t\t}", "fanout: cluster: lease_ttl: \"soon\" is not a duration (such as 6s), at Caddyfile:6"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress r:6379\n\t\t\t}\n\t\t}", "fanout: cluster: address: \"r:6379\": want a redis:// or rediss:// URL, at Caddyfile:5"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress redis://a redis://b\n\t\t\t}\n\t\t}", "fanout: cluster: address: wrong argument count: want address <redis://host:port/db URL>, at Caddyfile:5"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress redis://a\n\t\t\t\taddress redis://b\n\t\t\t}\n\t\t}", "fanout: cluster: address: given twice (first on line 5); give each option once, at Caddyfile:6"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress redis://a\n\t\t\t\tport 6379\n\t\t\t}\n\t\t}", "fanout: cluster: port: unrecognized cluster redis option, at Caddyfile:6"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\tprefix x:\n\t\t\t}\n\t\t}", "fanout: cluster: address (or addresses) is required, at Caddyfile:4"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress redis://a\n\t\t\t\taddresses a:1 b:2\n\t\t\t}\n\t\t}", "fanout: cluster: address and addresses are exclusive, at Caddyfile:4"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress redis://a\n\t\t\t\tmaster_name m\n\t\t\t}\n\t\t}", "fanout: cluster: master_name needs addresses (the Sentinels), at Caddyfile:4"},
+		{"fanout {\n\t\t\tcluster etcd {\n\t\t\t}\n\t\t}", "fanout: cluster: want cluster redis { address <url>; prefix <prefix>; lease_ttl <duration> } (a block), at Caddyfile:4"},
+		{"fanout {\n\t\t\tcluster redis {\n\t\t\t\taddress redis://a\n\t\t\t}\n\t\t\tcluster redis {\n\t\t\t\taddress redis://b\n\t\t\t}\n\t\t}", "fanout: cluster: given twice (first on line 4); give each option once, at Caddyfile:7"},
 	} {
 		in := ":8080 {\n\tsse {\n\t\t" + tc.block + "\n\t}\n\treverse_proxy 127.0.0.1:9000\n}\n"
 		_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(in), map[string]any{"filename": "Caddyfile"})
