@@ -111,9 +111,11 @@ type BrokerStream interface {
 	Read(ctx context.Context, after Position, max int, dst []StoredEvent) (_ []StoredEvent, gapless bool, err error)
 	// Find returns the position of the newest held event with this id.
 	Find(ctx context.Context, id string) (pos Position, found bool, err error)
-	// Notify returns a channel that is closed after the next append (by
-	// this node or, with a shared store, any node); call it again after
-	// it fired.
+	// Notify returns a channel that is closed (or receives) after the
+	// next append (by this node or, with a shared store, any node); call
+	// it again after it fired. It may also fire when there is nothing new
+	// (a shared store's connection came back: appends may have been
+	// missed), so readers Read to find out.
 	Notify() <-chan struct{}
 	// Close releases what the stream holds on this node (and the lease).
 	Close() error

@@ -1,0 +1,220 @@
+package caddysse
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// testRedis is a redis-server owned by one test, on a loopback port of its
+// own, without persistence. Without redis-server the test is skipped,
+// unless SSE_REQUIRE_REDIS=1 (CI), when it fails.
+func testRedis(t *testing.T) string {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		if os.Getenv("SSE_REQUIRE_REDIS") == "1" {
+			t.Fatalf("redis-server not found and SSE_REQUIRE_REDIS=1: %v", err)
+		}
+		t.Skip("redis-server not installed (apt-get install redis-server)")
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	dir := t.TempDir()
+	cmd := exec.Command(bin, "--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir)
+	cmd.Stdout, cmd.Stderr = nil, nil
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	})
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	rc := redis.NewClient(&redis.Options{Addr: addr})
+	defer rc.Close()
+	if !eventually(10*time.Second, func() bool { return rc.Ping(t.Context()).Err() == nil }) {
+		t.Fatalf("redis-server on %s did not answer PING", addr)
+	}
+	return addr
+}
+
+var redisPrefixes atomic.Int64
+
+// newTestRedisBroker provisions a Redis broker module on addr, with a
+// prefix of its own unless one is given (a fresh broker, nothing stored).
+func newTestRedisBroker(t *testing.T, addr, prefix string, ttl time.Duration) *RedisBroker {
+	t.Helper()
+	if prefix == "" {
+		prefix = fmt.Sprintf("t%d:", redisPrefixes.Add(1))
+	}
+	b := &RedisBroker{Address: "redis://" + addr + "/0", Prefix: prefix, LeaseTTL: caddy.Duration(ttl)}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	if err := b.Provision(ctx); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = b.Cleanup()
+		cancel()
+	})
+	return b
+}
+
+func TestRedisBrokerContract(t *testing.T) {
+	addr := testRedis(t)
+	testBrokerContract(t, func(t *testing.T) Broker { return newTestRedisBroker(t, addr, "", 0) })
+}
+
+// Two nodes (two connections, one prefix) open the same stream: one leads,
+// the other is refused and told when to ask again; the leader's appends,
+// response head and notifications reach the other; a resigned lease is
+// taken at once; and the old leader's appends are fenced once it lost it.
+func TestRedisBrokerTwoNodes(t *testing.T) {
+	addr := testRedis(t)
+	ctx := t.Context()
+	// Another lease_ttl: another connection (connKey), like another node.
+	b1 := newTestRedisBroker(t, addr, "two:", 3*time.Second)
+	b2 := newTestRedisBroker(t, addr, "two:", 4*time.Second)
+	open := func(b *RedisBroker) BrokerStream {
+		s, err := b.Stream(ctx, "key", HistoryLimits{Events: 100})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.Close() })
+		return s
+	}
+	s1, s2 := open(b1), open(b2)
+
+	l1, ok, err := s1.Lead(ctx)
+	if err != nil || !ok || l1.Lost == nil {
+		t.Fatalf("first Lead: %+v %v %v", l1, ok, err)
+	}
+	l2, ok, err := s2.Lead(ctx)
+	if err != nil || ok {
+		t.Fatalf("second node's Lead while the first holds it: ok %v, err %v", ok, err)
+	}
+	if l2.Every <= 0 || l2.Every > 4*time.Second/3 {
+		t.Fatalf("a refused Lead says ask again after %v; want (0, ttl/3]", l2.Every)
+	}
+
+	hdr := http.Header{"Content-Type": {"text/event-stream"}, "X-App": {"1"}}
+	if err := s1.SetResponse(ctx, l1, Response{Status: 200, Header: hdr}); err != nil {
+		t.Fatal(err)
+	}
+	if r, ok, err := s2.Response(ctx); err != nil || !ok || r.Status != 200 || r.Header.Get("X-App") != "1" {
+		t.Fatalf("follower's Response: %+v %v %v", r, ok, err)
+	}
+	wake := s2.Notify()
+	// The first wake-up may be the subscription's confirmation: drain until
+	// the append's arrives with the event readable.
+	pos, err := s1.Append(ctx, l1, StoredEvent{ID: "a", Data: []byte("data: 1\n\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !eventually(5*time.Second, func() bool {
+		select {
+		case <-wake:
+		case <-time.After(100 * time.Millisecond):
+		}
+		evs, gapless, err := s2.Read(ctx, Position{}, 10, nil)
+		return err == nil && gapless && len(evs) == 1 && evs[0].Pos == pos && evs[0].ID == "a"
+	}) {
+		t.Fatal("the follower did not read the leader's append")
+	}
+
+	// Resign: the other node leads at once, and the old lease is fenced.
+	s1.Resign(l1)
+	select {
+	case <-l1.Lost:
+	default:
+		t.Fatal("a resigned lease's Lost is not closed")
+	}
+	l2, ok, err = s2.Lead(ctx)
+	if err != nil || !ok || l2.Token == l1.Token {
+		t.Fatalf("Lead after the holder resigned: %+v %v %v", l2, ok, err)
+	}
+	if _, err := s1.Append(ctx, l1, StoredEvent{Data: []byte("data: late\n\n")}); !errors.Is(err, ErrFenced) {
+		t.Fatalf("the old leader's append: %v, want ErrFenced", err)
+	}
+	if err := s1.SetResponse(ctx, l1, Response{Status: 200}); !errors.Is(err, ErrFenced) {
+		t.Fatalf("the old leader's SetResponse: %v, want ErrFenced", err)
+	}
+	pos2, err := s2.Append(ctx, l2, StoredEvent{Data: []byte("data: 2\n\n")})
+	if err != nil || pos2.Epoch != pos.Epoch || pos2.Offset != pos.Offset+1 {
+		t.Fatalf("the new leader appends at %+v (%v), want right after %+v", pos2, err, pos)
+	}
+
+	// A lease taken away in Redis (expired while this node was paused, or
+	// lost with Redis' data) is reported through Lost within the TTL.
+	rc := redis.NewClient(&redis.Options{Addr: addr})
+	defer rc.Close()
+	keys, err := rc.Keys(ctx, "two:*:lease").Result()
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("lease keys %v %v", keys, err)
+	}
+	if err := rc.Del(ctx, keys[0]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-l2.Lost:
+	case <-time.After(4 * time.Second):
+		t.Fatal("a lease deleted in Redis was not reported lost within the TTL")
+	}
+}
+
+// The Redis client outlives a config reload: a stream opened under one
+// config keeps working after that config's broker module is cleaned up,
+// and the connection closes once the stream is closed too.
+func TestRedisBrokerConnOutlivesConfig(t *testing.T) {
+	addr := testRedis(t)
+	ctx := t.Context()
+	b := &RedisBroker{Address: "redis://" + addr + "/0", Prefix: "reload:"}
+	cctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	if err := b.Provision(cctx); err != nil {
+		t.Fatal(err)
+	}
+	s, err := b.Stream(ctx, "key", HistoryLimits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := b.connKey
+	lease, ok, err := s.Lead(ctx)
+	if err != nil || !ok {
+		t.Fatal(ok, err)
+	}
+	if err := b.Cleanup(); err != nil { // the config is unloaded; the hub lives on
+		t.Fatal(err)
+	}
+	if _, err := s.Append(ctx, lease, StoredEvent{Data: []byte("data: x\n\n")}); err != nil {
+		t.Fatalf("append after the config's Cleanup: %v", err)
+	}
+	if _, loaded := redisConns.References(key); !loaded {
+		t.Fatal("the connection is gone while a stream uses it")
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, loaded := redisConns.References(key); loaded {
+		t.Fatal("the connection outlived its last user")
+	}
+}
