@@ -48,8 +48,8 @@ type streamStatus struct {
 	Events        int64   `json:"events"`             // events received from upstream
 	Bytes         int64   `json:"bytes"`              // bytes written to clients, before compression
 	Encoding      string  `json:"encoding,omitempty"` // content coding to the client(s)
-	// Leader: this node runs the fan-out hub's upstream (always, without
-	// cluster mode); false while it follows the stream from the broker.
+	// Leader, in cluster mode only: this node runs the fan-out hub's
+	// upstream; false while it follows the stream from the broker.
 	Leader *bool `json:"leader,omitempty"`
 }
 

@@ -81,6 +81,7 @@ type hub struct {
 	// (runs its upstream, with lease), or follows it from the broker
 	// (follow, started the first time the lease is refused).
 	leading     bool
+	shared      bool // the broker is shared with other nodes (a lease can be refused or lost)
 	leaseHeld   bool
 	lease       Lease
 	needReset   bool      // the next upstream connection of an id-less backend starts with the reset event
@@ -482,7 +483,10 @@ func (hb *hub) report(now time.Time) streamStatus {
 		CacheBytes:    bytes,
 		Reconnects:    hb.reconnects,
 		Events:        int64(hb.seq),
-		Leader:        &hb.leading,
+	}
+	if hb.shared {
+		leading := hb.leading
+		st.Leader = &leading
 	}
 	if ev, _ := hb.win.after(nil, hb.seq-1, 1); len(ev) == 1 {
 		st.LastEventID = formatID([]byte(ev[0].id))

@@ -46,11 +46,15 @@ func (hb *hub) lead(ctx context.Context) (lease Lease, fresh, ok bool, err error
 	hb.mu.Unlock()
 	lease, ok, err = hb.stream.Lead(ctx)
 	if err != nil || !ok {
+		hb.mu.Lock()
+		hb.shared = true
+		hb.mu.Unlock()
 		hb.followOnce.Do(func() { go hb.follow() })
 		return lease, false, false, err
 	}
 	hb.mu.Lock()
 	hb.lease, hb.leaseHeld, hb.leading = lease, true, true
+	hb.shared = hb.shared || lease.Lost != nil
 	destroyed := hb.destroyed
 	hb.mu.Unlock()
 	if destroyed {
