@@ -352,7 +352,11 @@ func (h *Handler) cleanupFanout() {
 		list = append(list, v.(*hub))
 		return true
 	})
+	exiting := caddy.Exiting()
 	for _, hb := range list { // not under the pool's lock
 		hb.dropSource(h.fan)
+		if exiting {
+			hb.stopForExit() // hub_follow.go
+		}
 	}
 }

@@ -82,12 +82,14 @@ type hub struct {
 	// (follow, started the first time the lease is refused).
 	leading     bool
 	shared      bool // the broker is shared with other nodes (a lease can be refused or lost)
+	resetLast   bool // the window's newest event is a reset event of this node's (addResetLocked)
 	leaseHeld   bool
 	lease       Lease
 	needReset   bool      // the next upstream connection of an id-less backend starts with the reset event
 	brokerDown  time.Time // when the broker began failing, zero while it answers
 	unavailable bool      // the broker failed for longer than brokerOutage: clients end with a retry
 	followOnce  sync.Once
+	leadNow     chan struct{}   // the follower loop's hint that the lease may be free (buffer 1)
 	followCtx   context.Context // ends with the hub
 	followStop  context.CancelFunc
 	heartbeat   *time.Timer
@@ -109,6 +111,7 @@ func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger, stream B
 		sources: make(map[*fanoutRuntime]*source),
 	}
 	hb.followCtx, hb.followStop = context.WithCancel(context.Background())
+	hb.leadNow = make(chan struct{}, 1)
 	hb.logger = logger.With(zap.String("stream", hb.keyHash))
 	for i := range hb.zc {
 		hb.zc[i].enc = coding(i)
@@ -260,7 +263,7 @@ func (hb *hub) position(ctx context.Context, lastID string, replayOnConnect int,
 		if known && !leading && (pos.Epoch != head.Epoch || pos.Offset > head.Offset) {
 			// A client from a node further on (cluster mode): take in what
 			// the broker has before placing it.
-			if err := hb.catchUp(ctx); err != nil {
+			if _, err := hb.catchUp(ctx); err != nil {
 				hb.logger.Warn("broker could not be read for a Last-Event-ID ahead of this node", zap.Error(err))
 			}
 		}
@@ -389,6 +392,12 @@ func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte,
 
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
+	if head := hb.head; head != (Position{}) && (pos.Epoch != head.Epoch || pos.Offset != head.Offset+1) {
+		// The store lost events after the window's newest (Redis restarted
+		// without its data, a failover to a replica that lagged): say so.
+		hb.logger.Warn("the stream's shared history lost events; sending clients the reset event")
+		hb.addResetLocked()
+	}
 	if info.HasID() {
 		// Only once it is in the history: a new upstream connection resumes
 		// the backend after the last event the stream holds.
@@ -415,6 +424,7 @@ func (hb *hub) addLocked(pos Position, id string, data []byte, at time.Time) {
 	}
 	hb.seq++
 	hb.head = pos
+	hb.resetLast = false
 	hb.win.add(&event{seq: hb.seq, id: id, data: data, at: at, z: hb.compressShared(data)})
 	hb.lastPub = at
 	hb.broadcastLocked()
@@ -494,6 +504,8 @@ func (hb *hub) report(now time.Time) streamStatus {
 	switch {
 	case hb.destroyed:
 		st.Upstream = upstreamClosed
+	case hb.shared && !hb.leading:
+		st.Upstream = "following" // another node runs it (cluster mode)
 	case hb.up == nil:
 		st.Upstream = "disconnected"
 	case hb.header == nil || hb.liveGen != hb.up.gen:

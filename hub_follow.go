@@ -109,25 +109,35 @@ func (hb *hub) follow() {
 	ctx := hb.followCtx
 	tick := time.NewTicker(2 * time.Second)
 	defer tick.Stop()
+	notified := false
 	for {
 		hb.mu.Lock()
 		leading := hb.leading
 		hb.mu.Unlock()
 		if !leading {
 			cctx, cancel := context.WithTimeout(ctx, redisCallTimeout)
-			err := hb.catchUp(cctx)
+			added, err := hb.catchUp(cctx)
 			cancel()
 			if ctx.Err() != nil {
 				return
 			}
 			if err != nil {
 				hb.logger.Debug("could not read the stream from the broker; trying again", zap.Error(err))
+			} else if notified && added == 0 {
+				// A wake-up without events: the leader released the lease
+				// (or the subscription came back). Ask for it now.
+				select {
+				case hb.leadNow <- struct{}{}:
+				default:
+				}
 			}
 		}
+		notified = false
 		select {
 		case <-ctx.Done():
 			return
 		case <-hb.stream.Notify():
+			notified = true
 		case <-tick.C:
 		}
 	}
@@ -138,23 +148,23 @@ func (hb *hub) follow() {
 // history that lost events after the window's newest (trimmed past it,
 // a new epoch) puts the reset event in the window before what follows:
 // clients are told, never handed a silent gap.
-func (hb *hub) catchUp(ctx context.Context) error {
-	err := hb.readBroker(ctx)
+func (hb *hub) catchUp(ctx context.Context) (added int, err error) {
+	added, err = hb.readBroker(ctx)
 	hb.brokerAnswered(err)
-	return err
+	return added, err
 }
 
-func (hb *hub) readBroker(ctx context.Context) error {
+func (hb *hub) readBroker(ctx context.Context) (added int, _ error) {
 	hb.mu.Lock()
 	needHeader := hb.header == nil
 	hb.mu.Unlock()
 	if needHeader {
 		resp, ok, err := hb.stream.Response(ctx)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		if !ok {
-			return nil // nobody streamed yet: nothing to read either
+			return 0, nil // nobody streamed yet: nothing to read either
 		}
 		// Clients are answered once the backlog is in the window: a client
 		// resuming with a Last-Event-ID finds it there.
@@ -176,14 +186,14 @@ func (hb *hub) readBroker(ctx context.Context) error {
 		var err error
 		evs, gapless, err = hb.stream.Read(ctx, after, batch, evs[:0])
 		if err != nil {
-			return err
+			return added, err
 		}
 		reset := false
 		if !gapless {
 			// Lost after our newest: go on from the oldest held.
 			reset = true
 			if evs, _, err = hb.stream.Read(ctx, Position{}, batch, evs[:0]); err != nil {
-				return err
+				return added, err
 			}
 		}
 		hb.mu.Lock()
@@ -192,16 +202,20 @@ func (hb *hub) readBroker(ctx context.Context) error {
 			hb.addResetLocked()
 		}
 		for _, ev := range evs {
+			if reset && ev.Pos.Epoch == after.Epoch && ev.Pos.Offset <= after.Offset {
+				continue // the backlog of the same epoch: what the window has already
+			}
 			if ev.ID != "" {
 				if p, ok := ParseSynthesizedID(ev.ID); !ok || p != ev.Pos {
 					hb.backendIDs, hb.lastBackID = true, ev.ID
 				}
 			}
 			hb.addLocked(ev.Pos, ev.ID, ev.Data, ev.At)
+			added++
 		}
 		hb.mu.Unlock()
-		if len(evs) < batch {
-			return nil
+		if len(evs) < batch || reset {
+			return added, nil
 		}
 	}
 }
@@ -209,6 +223,10 @@ func (hb *hub) readBroker(ctx context.Context) error {
 // addResetLocked puts the reset event in the window (this node's only,
 // without an id): what comes next does not follow what came before.
 func (hb *hub) addResetLocked() {
+	if hb.resetLast {
+		return // clients were told already, and nothing came since
+	}
+	hb.resetLast = true
 	last := ""
 	if ev, _ := hb.win.after(nil, hb.seq-1, 1); len(ev) == 1 {
 		last = ev[0].id
@@ -277,4 +295,23 @@ func (hb *hub) brokerAnswered(err error) {
 		hb.unavailable = true
 		hb.broadcastLocked()
 	}
+}
+
+// stopForExit runs when Caddy is stopping (not reloading): a leader whose
+// handlers are all gone stops its upstream and gives the lease up now, so
+// that another node takes over at once rather than after lease_ttl.
+func (hb *hub) stopForExit() {
+	hb.mu.Lock()
+	if len(hb.sources) > 0 || !hb.leaseHeld || !hb.shared {
+		hb.mu.Unlock()
+		return
+	}
+	up, old := hb.up, hb.old
+	hb.up, hb.old = nil, nil
+	lease := hb.lease
+	hb.leaseHeld, hb.leading = false, false
+	hb.mu.Unlock()
+	up.stopAsync()
+	old.stopAsync()
+	hb.stream.Resign(lease)
 }

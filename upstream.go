@@ -118,9 +118,15 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 			if err != nil {
 				hb.logger.Debug("broker could not tell who leads this stream; asking again later", zap.Duration("after", wait), zap.Error(err))
 			}
-			if !sleepCtx(ctx, wait) {
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-hb.leadNow: // the lease was released (hub_follow.go)
+			case <-ctx.Done():
+				t.Stop()
 				return
 			}
+			t.Stop()
 			continue
 		}
 		if lease.Lost != nil {
@@ -128,7 +134,7 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 			// before a failed append) put in it, so that the window is
 			// complete and the backend is resumed after its last event.
 			cctx, cancel := context.WithTimeout(ctx, redisCallTimeout)
-			err := hb.catchUp(cctx)
+			_, err := hb.catchUp(cctx)
 			cancel()
 			if err != nil {
 				if ctx.Err() != nil {

@@ -222,6 +222,35 @@ func TestClusterLeaderKilled(t *testing.T) {
 	}
 }
 
+// TestClusterLeaderStopped: a leader that stops gracefully (SIGTERM) gives
+// its lease up, so another node leads well before the lease TTL would have
+// run out; with a backend that has ids, clients elsewhere miss nothing.
+func TestClusterLeaderStopped(t *testing.T) {
+	needCluster(t)
+	path := "/ids/stop"
+	cl := startCluster(t, clusterOpts{})
+	g := newGroup(t)
+	cl.perNode(g, path, 2)
+	f := cl.backend.feed(path)
+	g.waitPast(t, f.Seq()+cl.events(500*time.Millisecond), 15*time.Second)
+	leader := cl.waitLeader(path, 5*time.Second)
+	start := time.Now()
+	leader.Stop()
+	stopped := time.Since(start)
+	// Caddy's own shutdown takes up to its grace period (2 s); the lease
+	// must move within a second or so of it, not after the TTL.
+	next := cl.waitLeader(path, leaseTTL+time.Second)
+	t.Logf("%s stopped in %v; %s took over %v after the stop began", leader.name, stopped.Round(10*time.Millisecond), next.name, time.Since(start).Round(10*time.Millisecond))
+	// Not released, the lease would run out 4-6 s after the stop began
+	// (renewed every 2 s).
+	if took := time.Since(start); took > stopped+2*time.Second {
+		t.Errorf("the lease moved %v after a graceful stop began (the stop took %v): released late, or not at all", took, stopped)
+	}
+	g.waitPast(t, f.Seq()+cl.events(time.Second), 10*time.Second)
+	g.stop()
+	checkClients(t, g.clients, checkOpts{noResets: true})
+}
+
 // missedSeqs counts the seqs between a record's first and last that it
 // does not hold.
 func missedSeqs(evs []event) int64 {

@@ -359,6 +359,14 @@ func (n *node) Kill9() {
 	n.t.Logf("%s killed (SIGKILL)", n.name)
 }
 
+// Stop ends the node with SIGTERM: Caddy stops gracefully (grace_period
+// 2s), so a leader can give its leases up.
+func (n *node) Stop() {
+	n.t.Helper()
+	n.p.end(syscall.SIGTERM, 10*time.Second)
+	n.t.Logf("%s stopped (SIGTERM)", n.name)
+}
+
 // Pause stops the node with SIGSTOP; Resume continues it.
 func (n *node) Pause() {
 	n.mu.Lock()

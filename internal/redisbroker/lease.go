@@ -38,8 +38,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 `)
 
+// releaseScript: KEYS lease; ARGV value channel. The notification lets the
+// nodes waiting for the lease ask at once (their Watch wakes, and they find
+// no new entry).
 var releaseScript = redis.NewScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], 'released')
+  return 1
+end
 return 0
 `)
 
@@ -91,9 +98,9 @@ func (s *Stream) Renew(ctx context.Context, l Lease) (Lease, error) {
 }
 
 // Release gives the lease up if l is still the holder's, so another node can
-// acquire it at once. Releasing a lost lease is not an error.
+// acquire it at once: watchers of the stream are woken. Releasing a lost lease is not an error.
 func (s *Stream) Release(ctx context.Context, l Lease) error {
-	if err := releaseScript.Run(ctx, s.b.client, []string{s.lease}, l.value).Err(); err != nil {
+	if err := releaseScript.Run(ctx, s.b.client, []string{s.lease}, l.value, s.channel).Err(); err != nil {
 		return fmt.Errorf("redisbroker: release %q: %w", s.key, err)
 	}
 	return nil
