@@ -1,6 +1,7 @@
 package caddysse
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -17,10 +18,21 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// testRedis is a redis-server owned by one test, on a loopback port of its
-// own, without persistence. Without redis-server the test is skipped,
-// unless SSE_REQUIRE_REDIS=1 (CI), when it fails.
-func testRedis(t *testing.T) string {
+// testRedisServer is a redis-server owned by one test, on a loopback port
+// of its own, without persistence. Without redis-server the test is
+// skipped, unless SSE_REQUIRE_REDIS=1 (CI), when it fails.
+type testRedisServer struct {
+	t      *testing.T
+	Addr   string
+	bin    string
+	port   int
+	cmd    *exec.Cmd
+	exited chan struct{}
+}
+
+func testRedis(t *testing.T) string { return startTestRedis(t).Addr }
+
+func startTestRedis(t *testing.T) *testRedisServer {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
@@ -35,26 +47,38 @@ func testRedis(t *testing.T) string {
 	}
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	dir := t.TempDir()
-	cmd := exec.Command(bin, "--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir)
-	cmd.Stdout, cmd.Stderr = nil, nil
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	r := &testRedisServer{t: t, Addr: fmt.Sprintf("127.0.0.1:%d", port), bin: bin, port: port}
+	r.Start()
+	t.Cleanup(r.Kill)
+	return r
+}
+
+// Start runs redis-server (again, empty) and waits until it answers PING.
+func (r *testRedisServer) Start() {
+	r.t.Helper()
+	r.cmd = exec.Command(r.bin, "--port", fmt.Sprint(r.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", r.t.TempDir())
+	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := r.cmd.Start(); err != nil {
+		r.t.Fatal(err)
 	}
 	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	})
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	rc := redis.NewClient(&redis.Options{Addr: addr})
+	r.exited = exited
+	go func(cmd *exec.Cmd) { _ = cmd.Wait(); close(exited) }(r.cmd)
+	rc := redis.NewClient(&redis.Options{Addr: r.Addr})
 	defer rc.Close()
-	if !eventually(10*time.Second, func() bool { return rc.Ping(t.Context()).Err() == nil }) {
-		t.Fatalf("redis-server on %s did not answer PING", addr)
+	if !eventually(10*time.Second, func() bool { return rc.Ping(context.Background()).Err() == nil }) {
+		r.t.Fatalf("redis-server on %s did not answer PING", r.Addr)
 	}
-	return addr
+}
+
+// Kill ends it at once (SIGKILL).
+func (r *testRedisServer) Kill() {
+	if r.cmd == nil {
+		return
+	}
+	_ = r.cmd.Process.Kill()
+	<-r.exited
+	r.cmd = nil
 }
 
 var redisPrefixes atomic.Int64
@@ -216,5 +240,58 @@ func TestRedisBrokerConnOutlivesConfig(t *testing.T) {
 	}
 	if _, loaded := redisConns.References(key); loaded {
 		t.Fatal("the connection outlived its last user")
+	}
+}
+
+// Redis down: connected clients keep their heartbeats and get nothing made
+// up; once the broker has failed for longer than brokerOutage, their
+// streams end with the retry hint; when Redis is back, a client that
+// comes back is served again, with no operator action.
+func TestClusterRedisOutageEndsStreams(t *testing.T) {
+	r := startTestRedis(t)
+	defer func(d time.Duration) { brokerOutage = d }(brokerOutage)
+	brokerOutage = time.Second
+	e := newEmitter(t)
+	broker := map[string]any{"name": "redis", "address": "redis://" + r.Addr + "/0", "prefix": "outage:", "lease_ttl": "2s"}
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"retry": "300ms", "fanout": map[string]any{"broker": broker}}))
+	c := openStream(t, base+"/events", false)
+	e.waitJoined(t, 1)
+	e.emit("data: before\n\n")
+	first := waitEvents(t, c, 1)
+
+	r.Kill()
+	e.emit("data: lost\n\n") // the leader cannot append it: nobody gets it
+	got := c.waitEOF(t, 15*time.Second)
+	if !bytes.HasSuffix(got, []byte("retry: 300\n\n")) {
+		t.Fatalf("the stream did not end with the retry hint: %q", got)
+	}
+	if evs, _, _ := parseEvents(got); len(evs) != 1 || evs[0].Data != "before" {
+		t.Fatalf("during the outage the client got %+v; want only the event from before it", evs)
+	}
+	if !bytes.Contains(got, []byte(": heartbeat")) {
+		t.Errorf("no heartbeat while Redis was down: %q", got)
+	}
+
+	r.Start()
+	var c2 *client
+	if !eventually(15*time.Second, func() bool {
+		if c2 != nil {
+			c2.close()
+		}
+		c2 = openStream(t, base+"/events", false, "Last-Event-ID: "+first[0].ID)
+		e.emit("data: after\n\n")
+		select {
+		case <-c2.eof:
+			return false
+		case <-time.After(500 * time.Millisecond):
+		}
+		for _, ev := range eventsOf(c2) {
+			if ev.Data == "after" {
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatalf("no event after Redis came back: %q", c2.bytes())
 	}
 }

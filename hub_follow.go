@@ -28,7 +28,7 @@ import (
 // ended with a retry (they reconnect, and find the stream again once the
 // broker answers): heartbeats keep them connected meanwhile, but nothing
 // reaches them.
-const brokerOutage = 30 * time.Second
+var brokerOutage = 30 * time.Second // a variable for tests
 
 // lead returns the hub's lease: the one it holds, or a new one if the
 // broker grants it (fresh is then true). A refused lease starts the
