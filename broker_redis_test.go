@@ -278,7 +278,7 @@ func TestClusterRedisOutageEndsStreams(t *testing.T) {
 		if c2 != nil {
 			c2.close()
 		}
-		c2 = openStream(t, base+"/events", false, "Last-Event-ID: "+first[0].ID)
+		c2 = openStream(t, base+"/events", false, "Last-Event-ID", first[0].ID)
 		e.emit("data: after\n\n")
 		select {
 		case <-c2.eof:
@@ -293,5 +293,53 @@ func TestClusterRedisOutageEndsStreams(t *testing.T) {
 		return false
 	}) {
 		t.Fatalf("no event after Redis came back: %q", c2.bytes())
+	}
+}
+
+// Two nodes in one process: two handlers whose Redis brokers differ only
+// in lease_ttl (so their hubs are not shared in memory) but name the same
+// Redis stream. The second follows the first: one backend connection; a
+// new client there gets the live stream, not the backlog as news; a
+// client resuming there with an id handed out by the first node gets
+// exactly what followed it, with the same ids.
+func TestClusterFollowerInProcess(t *testing.T) {
+	r := startTestRedis(t)
+	e := newEmitter(t)
+	node := func(path, ttl string) string {
+		broker := map[string]any{"name": "redis", "address": "redis://" + r.Addr + "/0", "prefix": "inproc:", "lease_ttl": ttl}
+		f := map[string]any{"padding": 0, "heartbeat": "1s", "fanout": map[string]any{"linger": 0, "key": "one", "broker": broker}}
+		return route(path, sseHandler(f), proxyTo(e.addr))
+	}
+	base := startCaddy(t, node("/a", "3s"), node("/b", "4s"))
+	a := openStream(t, base+"/a", false)
+	e.waitJoined(t, 1)
+	for i := 1; i <= 5; i++ {
+		e.emit(fmt.Sprintf("data: %d\n\n", i))
+	}
+	evsA := waitEvents(t, a, 5)
+
+	b := openStream(t, base+"/b", false)
+	c := openStream(t, base+"/b", false, "Last-Event-ID", evsA[2].ID)
+	// Both answered (the follower has the leader's response head) before
+	// the next event, so neither can take it for backlog.
+	waitHeader := func(cl *client) {
+		if cl.Resp.StatusCode != 200 || cl.Resp.Header.Get("Content-Type") != "text/event-stream" {
+			t.Fatalf("follower answered %s %q", cl.Resp.Status, cl.Resp.Header.Get("Content-Type"))
+		}
+	}
+	waitHeader(b)
+	waitHeader(c)
+	e.emit("data: 6\n\n")
+	evsA = waitEvents(t, a, 6)
+	evsB := waitEvents(t, b, 1)
+	evsC := waitEvents(t, c, 3)
+	if got := datas(evsB); got != "6" || evsB[0].ID != evsA[5].ID {
+		t.Fatalf("a new client of the follower got %q (%+v); want only the live event 6 with the leader's id %q", got, evsB, evsA[5].ID)
+	}
+	if got := datas(evsC); got != "4,5,6" || evsC[2].ID != evsA[5].ID {
+		t.Fatalf("a client resuming on the follower after %q got %q (%+v)", evsA[2].ID, got, evsC)
+	}
+	if n := e.requests(); n != 1 {
+		t.Fatalf("the backend got %d requests for one stream on two nodes", n)
 	}
 }

@@ -81,8 +81,10 @@ type hub struct {
 	// (runs its upstream, with lease), or follows it from the broker
 	// (follow, started the first time the lease is refused).
 	leading     bool
-	shared      bool // the broker is shared with other nodes (a lease can be refused or lost)
-	resetLast   bool // the window's newest event is a reset event of this node's (addResetLocked)
+	shared      bool   // the broker is shared with other nodes (a lease can be refused or lost)
+	resetLast   bool   // the window's newest event is a reset event of this node's (addResetLocked)
+	backlogDone bool   // the broker's backlog was read into the window (readBroker)
+	backlogSeq  uint64 // the window's seq after that backlog: where clients that joined before it start
 	leaseHeld   bool
 	lease       Lease
 	needReset   bool      // the next upstream connection of an id-less backend starts with the reset event
@@ -270,6 +272,9 @@ func (hb *hub) position(ctx context.Context, lastID string, replayOnConnect int,
 	}
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
+	// A client that joined a new hub before it loaded the broker's backlog
+	// joined after it: the backlog is history, not news.
+	joinedAt = max(joinedAt, hb.backlogSeq)
 	if lastID != "" {
 		if known && pos.Epoch == hb.epoch && pos.Offset >= hb.epochFrom {
 			if seq := hb.epochSeq + pos.Offset; seq <= hb.seq && hb.win.held(seq) {

@@ -213,6 +213,11 @@ func (hb *hub) readBroker(ctx context.Context) (added int, _ error) {
 			hb.addLocked(ev.Pos, ev.ID, ev.Data, ev.At)
 			added++
 		}
+		if !hb.backlogDone && len(evs) < batch {
+			// The first load of a new hub: clients that joined while it was
+			// loading start after it, like clients of a running stream.
+			hb.backlogDone, hb.backlogSeq = true, hb.seq
+		}
 		hb.mu.Unlock()
 		if len(evs) < batch || reset {
 			return added, nil
