@@ -68,6 +68,10 @@
 // the caller's token in the same script that writes, so a paused or
 // partitioned old leader can never write after its lease expired
 // (ErrNotLeader, nothing written). Keeper renews every TTL/3 and reports loss.
+// A refused Acquire returns the holder's remaining PTTL (Lease.Expires), so a
+// waiting node can ask again just after it runs out. Release also PUBLISHes
+// "released" on P{K}:notify, so waiting nodes (their Watch wakes with no new
+// entry) can ask at once: a handover takes about one round trip.
 //
 // # Notifications
 //
