@@ -33,8 +33,14 @@ redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
 return {1, v}
 `)
 
+// renewScript: KEYS lease resp; ARGV value ttlMs keyTtlMs. It also keeps
+// the leader's response head alive while the leader is: a quiet stream must
+// not lose it, or joining followers could not answer their clients.
 var renewScript = redis.NewScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 0
 `)
 
@@ -86,7 +92,7 @@ func (s *Stream) Acquire(ctx context.Context) (l Lease, ok bool, err error) {
 func (s *Stream) Renew(ctx context.Context, l Lease) (Lease, error) {
 	start := time.Now()
 	ttl := s.b.opts.LeaseTTL
-	n, err := renewScript.Run(ctx, s.b.client, []string{s.lease}, l.value, ms(ttl)).Int64()
+	n, err := renewScript.Run(ctx, s.b.client, []string{s.lease, s.resp}, l.value, ms(ttl), ms(s.b.opts.KeyTTL)).Int64()
 	if err != nil {
 		return l, fmt.Errorf("redisbroker: renew %q: %w", s.key, err)
 	}
