@@ -628,3 +628,56 @@ func TestContextDeadline(t *testing.T) {
 		t.Fatalf("head on a silent Redis: %v after %v", err, d)
 	}
 }
+
+// The leader's response head: fenced like an append, readable by anyone,
+// and kept alive by the leader's renewals past KeyTTL (a quiet stream must
+// not lose it); a refused Acquire says when the holder's lease runs out;
+// a Release wakes the stream's watchers.
+func TestResponseHeadAndHandover(t *testing.T) {
+	r := startRedis(t, redisOpts{})
+	ctx := testCtx(t)
+	opts := Options{LeaseTTL: 600 * time.Millisecond, KeyTTL: 800 * time.Millisecond}
+	ba := New(r.client(t), opts)
+	a := ba.Stream("k")
+	b := New(r.client(t), opts).Stream("k")
+	la, ok, err := a.Acquire(ctx)
+	if err != nil || !ok {
+		t.Fatal(ok, err)
+	}
+	if _, ok, err := b.Response(ctx); err != nil || ok {
+		t.Fatalf("response before any: %v %v", ok, err)
+	}
+	if err := a.SetResponse(ctx, la, []byte("head")); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetResponse(ctx, Lease{}, []byte("other")); !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("SetResponse without the lease: %v", err)
+	}
+	held, ok, _ := b.Acquire(ctx)
+	if ok || held.Expires.IsZero() || time.Until(held.Expires) > opts.LeaseTTL {
+		t.Fatalf("refused Acquire: ok %v, holder's lease runs out in %v", ok, time.Until(held.Expires))
+	}
+	k := a.Keep(context.Background(), la)
+	time.Sleep(2 * opts.KeyTTL) // past KeyTTL: only the renewals keep the head
+	if data, ok, err := b.Response(ctx); err != nil || !ok || string(data) != "head" {
+		t.Fatalf("response after KeyTTL with the leader renewing: %q %v %v", data, ok, err)
+	}
+	sub := ba.NewSubscriber()
+	defer sub.Close()
+	w := sub.Watch(ctx, b)
+	defer w.Close()
+	select { // the subscription's confirmation
+	case <-w.C():
+	case <-time.After(5 * time.Second):
+		t.Fatal("no wake-up for the subscription")
+	}
+	k.Stop() // releases
+	select {
+	case <-w.C():
+	case <-time.After(5 * time.Second):
+		t.Fatal("a release did not wake the stream's watchers")
+	}
+	if _, ok, err := b.Acquire(ctx); err != nil || !ok {
+		t.Fatalf("Acquire after the release: %v %v", ok, err)
+	}
+}
