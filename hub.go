@@ -125,7 +125,7 @@ func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next ca
 		tmpl := r.Clone(context.WithoutCancel(r.Context()))
 		tmpl.Body = http.NoBody
 		tmpl.Header.Del("Last-Event-ID")
-		hb.sources[run] = &source{next: next, tmpl: tmpl, added: time.Now()}
+		hb.sources[run] = &source{next: next, tmpl: tmpl, added: time.Now(), route: snapshotRoute(r)}
 		hb.path = r.URL.Path
 	}
 	if hb.failed && hb.up == nil {

@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/seed-b7710c89/caddy-sse/internal/sse"
@@ -42,6 +44,74 @@ type source struct {
 	next  caddyhttp.Handler
 	tmpl  *http.Request
 	added time.Time
+	route routeState // what the route before sse set on the first request
+}
+
+// routeState is what the handlers and matchers before sse left in a
+// request's context for the handlers after it: Caddy's vars (where `root`
+// and `vars` put their values, php_fastcgi and file_server read root
+// there), the placeholders they set on the replacer (regexp captures,
+// `map`), which route groups matched, and the request as it arrived. The
+// upstream request is made with a fresh replacer and vars (the client it
+// was cloned from keeps using its own), so without carrying these the
+// rest of the route would see another request: php_fastcgi's
+// DOCUMENT_ROOT would be Caddy's working directory.
+type routeState struct {
+	vars   map[string]any
+	groups map[string]struct{}
+	repl   *caddy.Replacer
+	orig   any // the caddyhttp.OriginalRequestCtxKey value
+}
+
+// routeGroupCtxKey is caddyhttp's key of the matched route groups
+// (unexported there; a caddy.CtxKey is a string, so this is the same key).
+const routeGroupCtxKey = caddy.CtxKey("route_group")
+
+// snapshotRoute copies r's route state, on r's own goroutine: vars and
+// groups are plain maps that r's handlers may still change.
+func snapshotRoute(r *http.Request) routeState {
+	ctx := r.Context()
+	var st routeState
+	if vars, ok := ctx.Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+		st.vars = maps.Clone(vars)
+	}
+	if groups, ok := ctx.Value(routeGroupCtxKey).(map[string]struct{}); ok {
+		st.groups = maps.Clone(groups)
+	}
+	st.repl, _ = ctx.Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	st.orig = ctx.Value(caddyhttp.OriginalRequestCtxKey)
+	return st
+}
+
+// apply gives req, fresh from caddyhttp.PrepareRequest, the route state.
+func (st routeState) apply(req *http.Request) *http.Request {
+	ctx := req.Context()
+	if vars, ok := ctx.Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+		for k, v := range st.vars {
+			if k != "start_time" { // this request's own
+				vars[k] = v
+			}
+		}
+	}
+	if st.groups != nil {
+		ctx = context.WithValue(ctx, routeGroupCtxKey, maps.Clone(st.groups))
+	}
+	if st.orig != nil {
+		ctx = context.WithValue(ctx, caddyhttp.OriginalRequestCtxKey, st.orig)
+	}
+	if repl, ok := ctx.Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok && st.repl != nil {
+		// Last in line: only what this request's own placeholders do not
+		// answer (its http.* are about the same request). The client's
+		// replacer is safe to read concurrently; its response and error
+		// placeholders are that client's, not this request's.
+		repl.Map(func(key string) (any, bool) {
+			if strings.HasPrefix(key, "http.response.") || strings.HasPrefix(key, "http.error") {
+				return nil, false
+			}
+			return st.repl.Get(key)
+		})
+	}
+	return req.WithContext(ctx)
 }
 
 // startUpstreamLocked runs the upstream through the newest source. A
@@ -148,7 +218,7 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 
 // connect runs one upstream request through the handler's route.
 func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, notStream bool, err error) {
-	hw := &hubWriter{hub: hb, gen: gen, header: make(http.Header)}
+	hw := &hubWriter{hub: hb, ctx: ctx, gen: gen, header: make(http.Header)}
 	req := src.tmpl.Clone(ctx)
 	req.Header.Del("Accept-Encoding")
 	hb.mu.Lock()
@@ -160,6 +230,7 @@ func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, 
 	// A fresh replacer and vars: the client whose request this was made
 	// from may still be using its own.
 	req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), hw, server)
+	req = src.route.apply(req)
 	func() {
 		defer func() {
 			if rec := recover(); rec != nil && rec != http.ErrAbortHandler {
@@ -176,7 +247,8 @@ func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, 
 // splits the stream into events and publishes each one to the hub.
 type hubWriter struct {
 	hub         *hub
-	gen         uint64 // which upstream connection this is
+	ctx         context.Context // the upstream's: ends when it is stopped
+	gen         uint64          // which upstream connection this is
 	header      http.Header
 	wroteHeader bool
 	streaming   bool
@@ -208,6 +280,12 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 	}
 	if w.notStream {
 		return 0, errNotStream
+	}
+	if err := w.ctx.Err(); err != nil {
+		// The upstream was stopped. Not every transport ends its response
+		// when its request's context does (php_fastcgi reads on while
+		// php-fpm writes): failing the write is what ends it.
+		return 0, err
 	}
 	start := 0
 	for off := 0; off < len(p); {
