@@ -255,7 +255,11 @@ func (hb *hub) publish(gen uint64, raw []byte, info sse.Event) {
 	if info.HasID() && !info.IDTooLong() {
 		id = string(info.ID())
 	}
-	if info.HasID() {
+	// An empty id (r3labs/sse writes "id: " on every event) only clears
+	// the client's last id: the backend has no ids to resume from, and
+	// under ids auto the event gets one of ours.
+	backendID := info.HasID() && len(info.ID()) > 0
+	if backendID {
 		hb.backendIDs = true
 		hb.lastBackID = id
 	}
@@ -264,11 +268,11 @@ func (hb *hub) publish(gen uint64, raw []byte, info sse.Event) {
 	}
 	hb.seq++
 	var data []byte
-	if hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !info.HasID()) {
+	if hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !backendID) {
 		id = hb.epoch + "-" + strconv.FormatUint(hb.seq, 36)
 		data = sse.WithID(raw, id)
 	} else {
-		data = append([]byte(nil), raw...)
+		data = sse.Terminated(raw)
 	}
 	now := time.Now()
 	hb.buf.add(&event{seq: hb.seq, id: id, data: data, at: now, z: hb.compressShared(data)})

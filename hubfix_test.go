@@ -1,0 +1,88 @@
+package caddysse
+
+import (
+	"bytes"
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// naiveEvents splits a stream the way some clients do (r3labs/sse):
+// at the first of "\r\n\r\n", "\n\n" or "\r\r", not by the spec's line
+// rules; it returns the blocks that hold a data line.
+func naiveEvents(stream []byte) []string {
+	var blocks []string
+	for len(stream) > 0 {
+		end, sep := len(stream), 0
+		for _, d := range []string{"\r\n\r\n", "\n\n", "\r\r"} {
+			if i := bytes.Index(stream, []byte(d)); i >= 0 && i < end {
+				end, sep = i, len(d)
+			}
+		}
+		if sep == 0 {
+			break // unfinished
+		}
+		if b := string(stream[:end]); strings.Contains(b, "data:") {
+			blocks = append(blocks, b)
+		}
+		stream = stream[end+sep:]
+	}
+	return blocks
+}
+
+// The ids the plugin adds end like the event's own lines, and events stay
+// apart for clients that split on blank lines naively, whether the
+// backend ends its lines with LF, CRLF or a lone CR (issue #11, item 10).
+func TestFanoutIDsFitLineEndings(t *testing.T) {
+	for name, eol := range map[string]string{"LF": "\n", "CRLF": "\r\n", "CR": "\r"} {
+		t.Run(name, func(t *testing.T) {
+			e := newEmitter(t)
+			base := startCaddy(t, fanoutRoute(e, nil))
+			c := openStream(t, base+"/events", false)
+			e.waitJoined(t, 1)
+			for i := range 3 {
+				e.emit(fmt.Sprintf("event: e%[2]sdata: %[1]d%[2]s%[2]s", i, eol))
+			}
+			e.emit(fmt.Sprintf("id: own%[1]sevent: e%[1]sdata: 3%[1]s%[1]s", eol)) // passed as is
+			evs := waitEvents(t, c, 4)
+			if d := datas(evs); d != "0,1,2,3" {
+				t.Fatalf("events %q", d)
+			}
+			for _, ev := range evs {
+				if ev.ID == "" || ev.Type != "e" {
+					t.Fatalf("event without an id: %+v", evs)
+				}
+			}
+			got := c.bytes()
+			for _, ev := range naiveEvents(got) {
+				if strings.ContainsAny(strings.ReplaceAll(ev, eol, ""), "\r\n") {
+					t.Fatalf("an event's lines mix line endings: %q", ev)
+				}
+			}
+			if n := naiveEvents(got); len(n) != 4 {
+				t.Fatalf("a naive client splits %q into %d events: %q", got, len(n), n)
+			}
+		})
+	}
+}
+
+// An empty id from the backend (r3labs/sse writes "id: " on every event)
+// does not make it a backend with ids: under ids auto, clients get ids of
+// the plugin's, so that they can resume (issue #11, item 10).
+func TestFanoutEmptyBackendIDIsNoID(t *testing.T) {
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, nil))
+	c := openStream(t, base+"/events", false)
+	e.waitJoined(t, 1)
+	for i := range 3 {
+		e.emit(fmt.Sprintf("id: \ndata: %d\n\n", i))
+	}
+	evs := waitEvents(t, c, 3)
+	if evs[0].ID == "" || evs[1].ID == evs[0].ID {
+		t.Fatalf("no ids of the plugin's for a backend sending empty ids: %+v", evs)
+	}
+	back := openStream(t, base+"/events", false, "Last-Event-ID", evs[0].ID)
+	if d := datas(waitEvents(t, back, 2)); d != "1,2" {
+		t.Fatalf("resume after %q gave %q", evs[0].ID, d)
+	}
+}
