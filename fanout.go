@@ -274,7 +274,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	// A compressed client writes what the hub's shared compressor encoded
 	// once for all clients (compress.go); it holds no compressor itself.
 	c.z = hb.attachShared(encoding)
-	first := h.preludeFor(encoding)
+	first := hb.withRetry(h.preludeFor(encoding))
 	if reset {
 		first = append(append([]byte(nil), first...), sse.ResetEvent(f.ResetEvent, lastID)...)
 		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")

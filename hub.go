@@ -53,6 +53,8 @@ type hub struct {
 	backendIDs bool     // the backend sends ids: resume it with Last-Event-ID
 	lastBackID string   // the last id the backend sent
 	retry      time.Duration
+	// The backend's last retry field, for clients that join after it.
+	retryField []byte
 	reconnects int
 	epoch      string // prefix of synthesized ids, new at every discontinuity
 	heartbeat  *time.Timer
@@ -186,6 +188,19 @@ func (hb *hub) position(lastID string, replayOnConnect int, joinedAt uint64) (cu
 	return joinedAt - back, back, false, false
 }
 
+// withRetry appends to a joining client's first bytes the backend's last
+// retry field: the clients connected when it was sent got it in its
+// event, and a joiner must reconnect with the same delay, not the
+// browser's default.
+func (hb *hub) withRetry(first []byte) []byte {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if hb.retryField == nil {
+		return first
+	}
+	return append(append([]byte(nil), first...), hb.retryField...)
+}
+
 // streamStarted records the upstream's response and starts heartbeats.
 func (hb *hub) streamStarted(gen uint64, status int, header http.Header) {
 	hb.mu.Lock()
@@ -265,6 +280,7 @@ func (hb *hub) publish(gen uint64, raw []byte, info sse.Event) {
 	}
 	if info.Retry() >= 0 {
 		hb.retry = time.Duration(min(info.Retry(), int64(maxBackoff/time.Millisecond))) * time.Millisecond
+		hb.retryField = []byte("retry: " + strconv.FormatInt(info.Retry(), 10) + "\n\n")
 	}
 	hb.seq++
 	var data []byte

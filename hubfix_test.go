@@ -86,3 +86,22 @@ func TestFanoutEmptyBackendIDIsNoID(t *testing.T) {
 		t.Fatalf("resume after %q gave %q", evs[0].ID, d)
 	}
 }
+
+// The backend's last retry reaches clients that join after it was sent,
+// right after the prelude (issue #11, item 9).
+func TestFanoutJoinerGetsBackendRetry(t *testing.T) {
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"padding": 16}))
+	a := openStream(t, base+"/events", false)
+	e.waitJoined(t, 1)
+	e.emit("retry: 3000\ndata: x\n\n")
+	waitEvents(t, a, 1)
+	b := openStream(t, base+"/events", false)
+	waitHubClients(t, base, 2)
+	e.emit("data: y\n\n")
+	waitEvents(t, b, 1)
+	got := string(b.bytes())
+	if pad := 16; len(got) < pad || !strings.HasPrefix(got[pad:], "retry: 3000\n\n") {
+		t.Fatalf("a client joining after the backend's retry got %q", got)
+	}
+}
