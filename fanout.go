@@ -189,6 +189,7 @@ type hubConfig struct {
 	ids          string
 	maxEventSize int
 	heartbeat    time.Duration
+	resetEvent   string // the type of the event that tells clients of a gap
 }
 
 func (h *Handler) hubConfig() hubConfig {
@@ -197,6 +198,7 @@ func (h *Handler) hubConfig() hubConfig {
 		ids:          h.Fanout.IDs,
 		maxEventSize: h.MaxEventSize,
 		heartbeat:    h.heartbeatEvery,
+		resetEvent:   h.Fanout.ResetEvent,
 	}
 }
 

@@ -56,7 +56,8 @@ type hub struct {
 	// The backend's last retry field, for clients that join after it.
 	retryField []byte
 	reconnects int
-	epoch      string // prefix of synthesized ids, new at every discontinuity
+	epoch      string // prefix of synthesized ids, new at every gap (gapLocked)
+	down       bool   // the live upstream connection ended: the next one follows a gap
 	heartbeat  *time.Timer
 	destroyed  bool
 	zc         [numCodings]sharedCompressor // one per encoding clients use (compress.go)
@@ -214,18 +215,42 @@ func (hb *hub) streamStarted(gen uint64, status int, header http.Header) {
 	hb.old.stopAsync()
 	hb.old = nil
 	hb.up.owner.policy.metrics.upstreamConnected(hb.header != nil)
-	if hb.header != nil && !hb.backendIDs {
-		// A new upstream connection to a backend without ids: no way to
-		// know what was missed in between, but clients stay connected and
-		// the cache stays valid up to here.
-		hb.logger.Debug("reconnected to a backend without ids; events sent while disconnected cannot be recovered")
-	}
+	gap := hb.down && hb.seq > 0 && !hb.backendIDs
+	hb.down = false
 	hb.header, hb.status, hb.streamedAt = header, status, time.Now()
 	hb.lastPub = hb.streamedAt
+	if gap {
+		hb.gapLocked()
+	}
 	if hb.heartbeat == nil && hb.cfg.heartbeat > 0 {
 		hb.heartbeat = time.AfterFunc(hb.cfg.heartbeat, hb.onHeartbeat)
 	}
 	hb.broadcastLocked()
+}
+
+// gapLocked marks a gap in the stream: the upstream of a backend without
+// ids was re-opened (restart, failover), and what it produced meanwhile
+// is gone. Clients stay connected and the cache stays valid up to here,
+// but the gap must not be silent: every client (and every replay across
+// this point) gets the reset event, whose data is the last id before the
+// gap, so a page can refetch its state. Synthesized ids start a new epoch.
+// A backend with ids is resumed with Last-Event-ID instead: no gap.
+func (hb *hub) gapLocked() {
+	hb.logger.Info("reconnected to a backend without ids; events sent while disconnected are lost: sending clients the reset event")
+	lastID := ""
+	if ev, _ := hb.buf.after(nil, hb.seq-1, 1); len(ev) == 1 {
+		lastID = ev[0].id
+	}
+	hb.epoch = newEpoch()
+	hb.seq++
+	data, id := sse.ResetEvent(hb.cfg.resetEvent, lastID), ""
+	if hb.cfg.ids != "upstream" {
+		id = hb.epoch + "-" + strconv.FormatUint(hb.seq, 36)
+		data = sse.WithID(data, id)
+	}
+	now := time.Now()
+	hb.buf.add(&event{seq: hb.seq, id: id, data: data, at: now, z: hb.compressShared(data)})
+	hb.lastPub = now
 }
 
 // onHeartbeat asks the clients to write a heartbeat when the stream has

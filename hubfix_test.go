@@ -105,3 +105,53 @@ func TestFanoutJoinerGetsBackendRetry(t *testing.T) {
 		t.Fatalf("a client joining after the backend's retry got %q", got)
 	}
 }
+
+// When the upstream of a backend without ids is re-opened, what it sent
+// meanwhile is lost: connected clients get the reset event, with the last
+// id before the gap, and the ids after it start a new epoch. A backend
+// with ids is resumed with Last-Event-ID: no reset (issue #11, item 5).
+func TestFanoutGapIsNeverSilent(t *testing.T) {
+	for _, withIDs := range []bool{false, true} {
+		t.Run(fmt.Sprintf("ids=%v", withIDs), func(t *testing.T) {
+			checkNoLeak(t)
+			e := newEmitter(t)
+			base := startCaddy(t, fanoutRoute(e, map[string]any{"fanout": map[string]any{"reset_event": "gap"}}))
+			a := openStream(t, base+"/events", false)
+			b := openStream(t, base+"/events", true)
+			e.waitJoined(t, 1)
+			ev := func(i int) string {
+				if withIDs {
+					return fmt.Sprintf("id: b%d\ndata: %d\n\n", i, i)
+				}
+				return fmt.Sprintf("data: %d\n\n", i)
+			}
+			for i := range 2 {
+				e.emit(ev(i))
+			}
+			before := waitEvents(t, a, 2)
+			waitEvents(t, b, 2)
+			e.kill()
+			e.restart()
+			e.waitJoined(t, 1)
+			e.emit(ev(2))
+			for _, c := range []*client{a, b} {
+				if !withIDs {
+					evs := waitEvents(t, c, 4)
+					if gap := evs[2]; gap.Type != "gap" || gap.Data != before[1].ID || datas(evs) != "0,1,"+before[1].ID+",2" {
+						t.Fatalf("client saw %+v, want a gap event after %q", evs, before[1].ID)
+					}
+					if epoch := func(id string) string { return id[:strings.LastIndexByte(id, '-')] }; epoch(evs[3].ID) == epoch(evs[1].ID) {
+						t.Fatalf("ids after the gap kept their epoch: %q then %q", evs[1].ID, evs[3].ID)
+					}
+					continue
+				}
+				if evs := waitEvents(t, c, 3); datas(evs) != "0,1,2" {
+					t.Fatalf("client of a backend with ids saw %+v", evs)
+				}
+			}
+			if got := e.reqs[1].Header.Get("Last-Event-ID"); withIDs && got != "b1" {
+				t.Fatalf("the upstream was re-opened with Last-Event-ID %q", got)
+			}
+		})
+	}
+}

@@ -176,6 +176,9 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 			return
 		}
 		hb.mu.Lock()
+		if hb.liveGen == u.gen {
+			hb.down = true // what the backend sends until the next connection streams is lost
+		}
 		if hb.up != u || u.orphan {
 			// Replaced, or its config is gone: a newer upstream (or the next
 			// client) takes over.
