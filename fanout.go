@@ -75,6 +75,17 @@ type Fanout struct {
 	// backends that can resume. Never "resend everything".
 	OnUnknownID string `json:"on_unknown_id,omitempty"`
 
+	// OnEnd says what happens when the backend ends its response cleanly
+	// (after a complete event, without an error), as a stream that ends by
+	// design does. "auto" (default): a backend that sends ids is
+	// reconnected with Last-Event-ID (it can resume); otherwise the end is
+	// honoured: the clients' streams end too, with the backend's last
+	// retry (or the configured one), and the next client that connects
+	// opens the backend again. "end": always honour the end. "reconnect":
+	// always reconnect at once, as after a failure. A failure (an error,
+	// or an end in the middle of an event) is always reconnected.
+	OnEnd string `json:"on_end,omitempty"`
+
 	// ResetEvent is the event type of the reset event. Default: sse-reset.
 	ResetEvent string `json:"reset_event,omitempty"`
 
@@ -169,6 +180,9 @@ func (f *Fanout) provision() {
 	if f.ResetEvent == "" {
 		f.ResetEvent = defaultResetEvent
 	}
+	if f.OnEnd == "" {
+		f.OnEnd = "auto"
+	}
 	if f.ClientQueue == 0 {
 		f.ClientQueue = defaultClientQueue
 	}
@@ -190,6 +204,7 @@ type hubConfig struct {
 	maxEventSize int
 	heartbeat    time.Duration
 	resetEvent   string // the type of the event that tells clients of a gap
+	onEnd        string
 }
 
 func (h *Handler) hubConfig() hubConfig {
@@ -199,6 +214,7 @@ func (h *Handler) hubConfig() hubConfig {
 		maxEventSize: h.MaxEventSize,
 		heartbeat:    h.heartbeatEvery,
 		resetEvent:   h.Fanout.ResetEvent,
+		onEnd:        h.Fanout.OnEnd,
 	}
 }
 
@@ -233,10 +249,11 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	hb := v.(*hub)
 	c.hub = hb
 
-	joinedAt, ok := hb.join(run, f.MaxClients, r, next)
+	joinedAt, ends, ok := hb.join(run, f.MaxClients, r, next)
 	if !ok {
 		return h.refuse(w, "max_clients")
 	}
+	c.ends = ends
 	c.joined = true
 
 	header, status, ok := hb.waitStream(r.Context())

@@ -73,6 +73,7 @@ type fanoutClient struct {
 	sub        *subscriber
 	cursor     uint64
 	beats      uint64 // the hub's heartbeat count last answered
+	ends       uint64 // the hub's count of honoured backend ends when the client joined
 	prevLag    uint64
 	encoding   coding
 	z          *sharedWriter // a compressed stream's writer; nil for identity
@@ -172,7 +173,7 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 		hb.mu.Lock()
 		var ok bool
 		batch, ok = hb.buf.after(batch[:0], c.cursor, maxBatch)
-		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil)
+		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil) || hb.ends != c.ends
 		wake = hb.wake
 		if c.z != nil {
 			hb.noteWaitingLocked(c.z, batch)
@@ -280,6 +281,9 @@ func (c *fanoutClient) flush(now time.Time) error {
 func (c *fanoutClient) finish(reason endReason) error {
 	c.clean = true
 	hint := c.pol.retryHint
+	if reason == endBackend {
+		hint = c.hub.endRetry(hint)
+	}
 	if reason == endShutdown {
 		base := max(c.pol.retry, time.Second)
 		hint = sse.RetryField(base + rand.N(base))

@@ -57,7 +57,8 @@ type hub struct {
 	retryField []byte
 	reconnects int
 	epoch      string // prefix of synthesized ids, new at every gap (gapLocked)
-	down       bool   // the live upstream connection ended: the next one follows a gap
+	down       bool   // the live upstream connection failed: the next one follows a gap
+	ends       uint64 // backend ends honoured (on_end): the clients of before end too
 	heartbeat  *time.Timer
 	destroyed  bool
 	zc         [numCodings]sharedCompressor // one per encoding clients use (compress.go)
@@ -117,11 +118,13 @@ func (hb *hub) broadcastLocked() {
 // It returns the last event published before the client joined: the
 // events after it answer the client's request, even those published while
 // it waited for the upstream's header (a backend's welcome event).
-func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next caddyhttp.Handler) (joinedAt uint64, ok bool) {
+// ends is the count of honoured backend ends so far: the client's stream
+// ends at the next one.
+func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next caddyhttp.Handler) (joinedAt, ends uint64, ok bool) {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
 	if maxClients > 0 && hb.clients >= maxClients {
-		return 0, false
+		return 0, 0, false
 	}
 	hb.clients++
 	if _, ok := hb.sources[run]; !ok {
@@ -139,7 +142,7 @@ func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next ca
 	if (hb.up == nil || hb.up.orphan) && !hb.destroyed {
 		hb.startUpstreamLocked()
 	}
-	return hb.seq, true
+	return hb.seq, hb.ends, true
 }
 
 func (hb *hub) leave() {
@@ -200,6 +203,23 @@ func (hb *hub) withRetry(first []byte) []byte {
 		return first
 	}
 	return append(append([]byte(nil), first...), hb.retryField...)
+}
+
+// endRetry is the retry hint of a stream the backend ended: the backend's
+// own last retry, which its clients were sent, or else the configured one.
+func (hb *hub) endRetry(configured []byte) []byte {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if hb.retryField != nil {
+		return hb.retryField
+	}
+	return configured
+}
+
+// honoursEndLocked reports whether a clean end of the backend's response
+// ends the stream (on_end), rather than being reconnected.
+func (hb *hub) honoursEndLocked() bool {
+	return hb.cfg.onEnd == "end" || (hb.cfg.onEnd == "auto" && !hb.backendIDs)
 }
 
 // streamStarted records the upstream's response and starts heartbeats.

@@ -3,8 +3,10 @@ package caddysse
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"strings"
 	"testing"
+	"time"
 )
 
 // naiveEvents splits a stream the way some clients do (r3labs/sse):
@@ -151,6 +153,77 @@ func TestFanoutGapIsNeverSilent(t *testing.T) {
 			}
 			if got := e.reqs[1].Header.Get("Last-Event-ID"); withIDs && got != "b1" {
 				t.Fatalf("the upstream was re-opened with Last-Event-ID %q", got)
+			}
+		})
+	}
+}
+
+// scriptedFanout is /events through sse with fan-out (linger 0) to a
+// scripted backend, with extra fanout options.
+func scriptedFanout(b *scriptedBackend, fanout map[string]any) string {
+	fo := map[string]any{"linger": 0}
+	for k, v := range fanout {
+		fo[k] = v
+	}
+	return route("/events", sseHandler(map[string]any{"padding": 0, "heartbeat": "1s", "fanout": fo}), proxyTo(b.Addr))
+}
+
+// A backend response that ends cleanly by design ends its clients' streams
+// (with the backend's retry) instead of being re-opened and republished;
+// the next client opens it again (issue #11, item 8).
+func TestFanoutHonoursBackendEnd(t *testing.T) {
+	checkNoLeak(t)
+	b := newScriptedBackend(t)
+	base := startCaddy(t, scriptedFanout(b, nil))
+	c1 := openStream(t, base+"/events", false)
+	b.request(t)
+	c2 := openStream(t, base+"/events", false)
+	waitHubClients(t, base, 2)
+	b.send(t, "retry: 2500\ndata: 1\n\n", "data: 2\n\n")
+	b.end(t)
+	for _, c := range []*client{c1, c2} {
+		got := c.waitEOF(t, 5*time.Second)
+		if c.err != io.EOF {
+			t.Fatalf("stream ended with %v, want a clean end", c.err)
+		}
+		if evs, _, _ := parseEvents(got); datas(evs) != "1,2" || !bytes.HasSuffix(got, []byte("retry: 2500\n\n")) {
+			t.Fatalf("client got %q", got)
+		}
+	}
+	// The next client opens the backend again.
+	c3 := openStream(t, base+"/events", false)
+	b.request(t)
+	b.send(t, "data: again\n\n")
+	if evs := waitEvents(t, c3, 1); evs[0].Data != "again" {
+		t.Fatalf("got %+v", evs)
+	}
+}
+
+// A backend with ids that ends cleanly is resumed with Last-Event-ID
+// (on_end auto), as is an id-less one under on_end reconnect; an end in
+// the middle of an event is a failure, always reconnected. Clients stay.
+func TestFanoutReconnectsResumableEnd(t *testing.T) {
+	for name, tc := range map[string]struct {
+		onEnd, last, lastID string
+	}{
+		"ids":       {"", "id: 7\ndata: x\n\n", "7"},
+		"reconnect": {"reconnect", "data: x\n\n", ""},
+		"partial":   {"", "data: x\n\ndata: cut", ""},
+	} {
+		t.Run(name, func(t *testing.T) {
+			b := newScriptedBackend(t)
+			base := startCaddy(t, scriptedFanout(b, map[string]any{"on_end": tc.onEnd}))
+			c := openStream(t, base+"/events", false)
+			b.request(t)
+			b.send(t, tc.last)
+			waitEvents(t, c, 1)
+			b.end(t)
+			if got := b.request(t).Header.Get("Last-Event-ID"); got != tc.lastID {
+				t.Fatalf("re-opened with Last-Event-ID %q, want %q", got, tc.lastID)
+			}
+			b.send(t, "data: more\n\n")
+			if evs := waitEvents(t, c, 2); evs[len(evs)-1].Data != "more" {
+				t.Fatalf("client got %+v", evs)
 			}
 		})
 	}

@@ -171,13 +171,16 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 	defer close(u.done)
 	backoff := time.Duration(0)
 	for {
-		streamed, notStream, err := hb.connect(ctx, src, u.gen)
+		streamed, notStream, clean, err := hb.connect(ctx, src, u.gen)
 		if ctx.Err() != nil {
 			return
 		}
 		hb.mu.Lock()
 		if hb.liveGen == u.gen {
-			hb.down = true // what the backend sends until the next connection streams is lost
+			// After a failure, what the backend sends until the next
+			// connection streams is lost. A clean end is the backend's
+			// own decision: what it starts anew is no gap.
+			hb.down = !clean
 		}
 		if hb.up != u || u.orphan {
 			// Replaced, or its config is gone: a newer upstream (or the next
@@ -186,6 +189,17 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 				hb.up = nil
 			}
 			hb.mu.Unlock()
+			return
+		}
+		if clean && hb.header != nil && hb.honoursEndLocked() {
+			// The stream ended by design: end its clients (with the
+			// backend's retry) rather than republish it; the next client
+			// opens it again.
+			hb.up = nil
+			hb.ends++
+			hb.broadcastLocked()
+			hb.mu.Unlock()
+			hb.logger.Info("backend ended its stream; ending its clients (on_end)")
 			return
 		}
 		u.owner.policy.metrics.upstreamFailed()
@@ -219,8 +233,13 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 	}
 }
 
-// connect runs one upstream request through the handler's route.
-func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, notStream bool, err error) {
+// errUpstreamAborted is a handler behind sse that aborted the response
+// (reverse_proxy does when the backend's stream breaks).
+var errUpstreamAborted = errors.New("sse: upstream response aborted")
+
+// connect runs one upstream request through the handler's route. clean
+// reports a stream that ended without an error after a complete event.
+func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, notStream, clean bool, err error) {
 	hw := &hubWriter{hub: hb, ctx: ctx, gen: gen, header: make(http.Header)}
 	req := src.tmpl.Clone(ctx)
 	req.Header.Del("Accept-Encoding")
@@ -236,14 +255,17 @@ func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, 
 	req = src.route.apply(req)
 	func() {
 		defer func() {
-			if rec := recover(); rec != nil && rec != http.ErrAbortHandler {
+			switch rec := recover(); {
+			case rec == http.ErrAbortHandler:
+				err = errUpstreamAborted
+			case rec != nil:
 				err = fmt.Errorf("upstream handler panicked: %v", rec)
 			}
 		}()
 		err = src.next.ServeHTTP(hw, req)
 	}()
-	hw.finish()
-	return hw.streaming, hw.notStream, err
+	partial := hw.finish()
+	return hw.streaming, hw.notStream, hw.streaming && err == nil && !partial, err
 }
 
 // hubWriter is the ResponseWriter the upstream request writes into: it
@@ -342,10 +364,14 @@ func (w *hubWriter) publish(raw []byte) {
 // FlushError: events are published as they complete; nothing to flush.
 func (w *hubWriter) FlushError() error { return nil }
 
-// finish drops an unfinished event left when the upstream ended.
-func (w *hubWriter) finish() {
+// finish drops an unfinished event left when the upstream ended, and
+// reports whether there was one: an end in the middle of an event is a
+// failure, not a clean end.
+func (w *hubWriter) finish() (partial bool) {
+	partial = w.frame.Held() > 0 || w.oversize
 	if w.frame.Held() > 0 {
 		w.hub.logger.Debug("backend stream ended in the middle of an event; dropped it", zap.Int("bytes", w.frame.Held()))
 	}
 	w.frame.Drop()
+	return partial
 }
