@@ -228,3 +228,67 @@ func TestFanoutReconnectsResumableEnd(t *testing.T) {
 		})
 	}
 }
+
+// The upstream's reconnect delay doubles from the base while the backend
+// keeps failing, up to 5s, and starts over once it sends an event, not
+// after 10s of life; it is drawn from 0 up to that bound (full jitter).
+// The test sees each bound and releases each attempt (issue #11, item 6).
+func TestFanoutReconnectBackoff(t *testing.T) {
+	checkNoLeak(t)
+	bounds, release, done := make(chan time.Duration), make(chan struct{}), make(chan struct{})
+	orig := reconnectJitter
+	reconnectJitter = func(limit time.Duration) time.Duration {
+		select {
+		case bounds <- limit:
+		case <-done:
+			return 0
+		}
+		select {
+		case <-release:
+		case <-done:
+		}
+		return 0
+	}
+	t.Cleanup(func() { reconnectJitter = orig })
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, nil))
+	t.Cleanup(func() { close(done) })
+	next := func() time.Duration {
+		t.Helper()
+		select {
+		case d := <-bounds:
+			return d
+		case <-time.After(5 * time.Second):
+			t.Fatal("the hub did not try to reconnect")
+			return 0
+		}
+	}
+	c := openStream(t, base+"/events", false)
+	e.waitJoined(t, 1)
+	e.emit("data: 0\n\n")
+	waitEvents(t, c, 1)
+	e.kill()
+	var got []time.Duration
+	for range 6 {
+		got = append(got, next())
+		if len(got) < 6 {
+			release <- struct{}{} // the backend is down: this attempt fails
+		}
+	}
+	want := []time.Duration{500 * time.Millisecond, time.Second, 2 * time.Second, 4 * time.Second, 5 * time.Second, 5 * time.Second}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("reconnect bounds %v, want %v", got, want)
+	}
+	e.restart()
+	release <- struct{}{}
+	e.waitJoined(t, 1)
+	e.emit("data: 1\n\n")
+	waitEvents(t, c, 3) // 0, the reset event of the gap, 1
+	e.kill()
+	if d := next(); d != 500*time.Millisecond {
+		t.Fatalf("after a stream that sent an event, the first bound is %v, want 500ms", d)
+	}
+	e.restart()
+	release <- struct{}{}
+	e.waitJoined(t, 1)
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"time"
@@ -169,9 +170,10 @@ func (hb *hub) dropSource(run *fanoutRuntime) {
 // one continuous stream. A backend answer that is not a stream ends it.
 func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 	defer close(u.done)
-	backoff := time.Duration(0)
+	attempt := 0 // reconnects since the backend last sent an event
 	for {
-		streamed, notStream, clean, err := hb.connect(ctx, src, u.gen)
+		res, err := hb.connect(ctx, src, u.gen)
+		notStream, clean := res.notStream, res.clean
 		if ctx.Err() != nil {
 			return
 		}
@@ -212,14 +214,17 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 			hb.logger.Warn("backend did not answer with an event stream; closing its clients", zap.Error(err))
 			return
 		}
-		// The backend's retry (or 500ms) after a stream that lasted; doubling
-		// up to maxBackoff while it keeps failing or ending at once.
-		base := cmp.Or(hb.retry, 500*time.Millisecond)
-		if streamed && time.Since(hb.streamedAt) > 10*time.Second {
-			backoff = base
-		} else {
-			backoff = min(max(2*backoff, base), maxBackoff)
+		// The backend's retry (or 500ms), doubling while it keeps failing
+		// or ending before an event, up to maxReconnect (or its retry, if
+		// longer); back to the start once it sends an event. Full jitter
+		// (anywhere from 0 to that), so that the hubs of a backend that
+		// restarted do not come back all at once.
+		if res.events > 0 {
+			attempt = 0
 		}
+		base := cmp.Or(hb.retry, 500*time.Millisecond)
+		backoff := reconnectJitter(min(base<<attempt, max(maxReconnect, base)))
+		attempt = min(attempt+1, 16)
 		hb.reconnects++
 		hb.mu.Unlock()
 		hb.logger.Info("backend stream ended; reconnecting", zap.Duration("after", backoff), zap.Error(err))
@@ -233,13 +238,30 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 	}
 }
 
+// maxReconnect bounds the delay between upstream reconnects (unless the
+// backend's retry is longer): clients are waiting meanwhile.
+const maxReconnect = 5 * time.Second
+
+// reconnectJitter picks the delay before a reconnect, up to limit: full
+// jitter. A variable so that tests can see the limits.
+var reconnectJitter = func(limit time.Duration) time.Duration {
+	return rand.N(limit + 1)
+}
+
+// connResult is how one upstream connection went.
+type connResult struct {
+	streamed  bool // the backend answered with a stream
+	notStream bool // the backend answered with something else
+	clean     bool // the stream ended without an error, after a complete event
+	events    int  // events the backend sent
+}
+
 // errUpstreamAborted is a handler behind sse that aborted the response
 // (reverse_proxy does when the backend's stream breaks).
 var errUpstreamAborted = errors.New("sse: upstream response aborted")
 
-// connect runs one upstream request through the handler's route. clean
-// reports a stream that ended without an error after a complete event.
-func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, notStream, clean bool, err error) {
+// connect runs one upstream request through the handler's route.
+func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (res connResult, err error) {
 	hw := &hubWriter{hub: hb, ctx: ctx, gen: gen, header: make(http.Header)}
 	req := src.tmpl.Clone(ctx)
 	req.Header.Del("Accept-Encoding")
@@ -265,7 +287,12 @@ func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, 
 		err = src.next.ServeHTTP(hw, req)
 	}()
 	partial := hw.finish()
-	return hw.streaming, hw.notStream, hw.streaming && err == nil && !partial, err
+	return connResult{
+		streamed:  hw.streaming,
+		notStream: hw.notStream,
+		clean:     hw.streaming && err == nil && !partial,
+		events:    hw.events,
+	}, err
 }
 
 // hubWriter is the ResponseWriter the upstream request writes into: it
@@ -280,6 +307,7 @@ type hubWriter struct {
 	notStream   bool
 	frame       sse.Framer
 	oversize    bool // dropping the rest of an event larger than max_event_size
+	events      int  // events published
 }
 
 func (w *hubWriter) Header() http.Header { return w.header }
@@ -358,6 +386,7 @@ func (w *hubWriter) publish(raw []byte) {
 	if !info.HasFields() {
 		return // the backend's own heartbeats: the hub sends its own
 	}
+	w.events++
 	w.hub.publish(w.gen, raw, info)
 }
 
