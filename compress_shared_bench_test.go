@@ -2,6 +2,7 @@ package caddysse
 
 import (
 	"cmp"
+	"context"
 	"fmt"
 	"net/http"
 	"testing"
@@ -30,7 +31,7 @@ func newBenchHub(tb testing.TB, n int, enc string, perClient bool) *benchHub {
 	}
 	h.logger = zap.NewNop()
 	hb := newHub("bench", "bench", hubConfig{limits: replayLimits{events: 1000}, ids: "auto", maxEventSize: 1 << 20}, h.logger)
-	bh := &benchHub{hb: hb, w: &hubWriter{hub: hb, header: http.Header{"Content-Type": {"text/event-stream"}}}}
+	bh := &benchHub{hb: hb, w: &hubWriter{hub: hb, ctx: context.Background(), maxSize: 1 << 20, header: http.Header{"Content-Type": {"text/event-stream"}}}}
 	for range n {
 		c := &fanoutClient{hub: hb, pol: unboundedPolicy(h), encoding: mustCoding(cmp.Or(enc, "identity"))}
 		c.out = newClientConn(wireCounter{ResponseWriter: &nullResponse{h: http.Header{}}, n: &c.wire}, 0)

@@ -118,7 +118,8 @@ type Fanout struct {
 // (hub.sources), never by the Handler itself.
 type fanoutRuntime struct {
 	policy     *clientPolicy
-	poolPrefix string       // the hub settings, which are part of every pool key
+	poolPrefix string       // what every pool key of this handler starts with
+	cfg        hubConfig    // applied to a hub when this handler first joins it
 	clients    atomic.Int64 // connected clients of this handler
 }
 
@@ -196,8 +197,10 @@ func (h *Handler) fanoutKey(r *http.Request) string {
 	return streamKey(r) // streamkey.go
 }
 
-// hubConfig is what a hub needs of its handler's configuration. Handlers
-// share a hub only when they agree on it (it is part of the pool key).
+// hubConfig is what a hub needs of its handler's configuration. It is
+// not part of the pool key: handlers with other settings (a reload that
+// changes them) share the hub, and the settings of the handler that
+// joined it last apply.
 type hubConfig struct {
 	limits       replayLimits
 	ids          string

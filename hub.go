@@ -128,6 +128,7 @@ func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next ca
 	}
 	hb.clients++
 	if _, ok := hb.sources[run]; !ok {
+		hb.applyLocked(run.cfg)
 		tmpl := r.Clone(context.WithoutCancel(r.Context()))
 		tmpl.Body = http.NoBody
 		tmpl.Header.Del("Last-Event-ID")
@@ -203,6 +204,29 @@ func (hb *hub) withRetry(first []byte) []byte {
 		return first
 	}
 	return append(append([]byte(nil), first...), hb.retryField...)
+}
+
+// applyLocked makes cfg the hub's settings: a handler of a new config
+// joined it (a reload), and its settings are the ones that hold now. The
+// cache is kept, and bounded anew; new events follow the new ids mode and
+// max_event_size (from the next upstream connection, which the new
+// handler's route opens); heartbeats take the new interval.
+func (hb *hub) applyLocked(cfg hubConfig) {
+	if cfg == hb.cfg {
+		return
+	}
+	hb.cfg = cfg
+	if m, ok := hb.buf.(*memoryReplay); ok {
+		m.limits = cfg.limits
+		m.evict()
+	}
+	switch {
+	case cfg.heartbeat <= 0 && hb.heartbeat != nil:
+		hb.heartbeat.Stop()
+		hb.heartbeat = nil
+	case cfg.heartbeat > 0 && hb.heartbeat == nil && hb.header != nil && !hb.destroyed:
+		hb.heartbeat = time.AfterFunc(cfg.heartbeat, hb.onHeartbeat)
+	}
 }
 
 // endRetry is the retry hint of a stream the backend ended: the backend's
@@ -282,6 +306,9 @@ func (hb *hub) onHeartbeat() {
 		return
 	}
 	every := hb.cfg.heartbeat
+	if every <= 0 || hb.heartbeat == nil {
+		return // turned off by a reload (applyLocked)
+	}
 	if idle := time.Since(hb.lastPub); idle < every {
 		hb.heartbeat.Reset(every - idle)
 		return

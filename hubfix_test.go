@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // naiveEvents splits a stream the way some clients do (r3labs/sse):
@@ -291,4 +293,59 @@ func TestFanoutReconnectBackoff(t *testing.T) {
 	e.restart()
 	release <- struct{}{}
 	e.waitJoined(t, 1)
+}
+
+// A reload that changes heartbeat, buffer, ids and max_event_size keeps
+// the hub and its cache: the old config's client resumes on the new one
+// with nothing lost, the new settings apply to the hub, and no second
+// hub opens another upstream (issue #11, item 7).
+func TestFanoutReloadWithNewSettingsKeepsCache(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	caddyMu.Lock()
+	defer caddyMu.Unlock()
+	addr := freeAddr(t)
+	load := func(fields map[string]any) {
+		t.Helper()
+		if err := caddy.Load(caddyConfig(addr, fanoutRoute(e, fields)), true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	load(map[string]any{"heartbeat": "1s", "fanout": map[string]any{"linger": "2s"}})
+	defer waitHubsGone(t, addr)
+	defer caddy.Stop()
+	base := "http://" + addr
+	c := openStream(t, base+"/events", false)
+	e.waitJoined(t, 1)
+	e.emit("data: 0\n\n")
+	evs := waitEvents(t, c, 1)
+	load(map[string]any{"heartbeat": "7s", "max_event_size": 4096,
+		"fanout": map[string]any{"linger": "2s", "buffer_events": 50, "ids": "synthesize"}})
+	c.waitEOF(t, 5*time.Second)
+	e.emit("data: 1\n\n")
+	e.emit("data: 2\n\n")
+	c2 := openStream(t, base+"/events", false, "Last-Event-ID", evs[0].ID)
+	e.waitJoined(t, 1) // the new config's route takes the upstream over
+	e.emit("data: 3\n\n")
+	if d := datas(waitEvents(t, c2, 3)); d != "1,2,3" {
+		t.Fatalf("after the reload the client got %q", d)
+	}
+	n := 0
+	hubs.Range(func(k, v any) bool {
+		if strings.Contains(k.(string), addr+"/") {
+			n++
+			hb := v.(*hub)
+			hb.mu.Lock()
+			cfg := hb.cfg
+			hb.mu.Unlock()
+			if cfg.heartbeat != 7*time.Second || cfg.limits.events != 50 || cfg.ids != "synthesize" || cfg.maxEventSize != 4096 {
+				t.Errorf("the hub kept its old settings: %+v", cfg)
+			}
+		}
+		return true
+	})
+	if n != 1 {
+		t.Fatalf("%d hubs for one stream after the reload", n)
+	}
+	waitUntil(t, 5*time.Second, "one upstream connection", func() bool { return e.connected() == 1 })
 }

@@ -9,7 +9,6 @@ package caddysse
 import (
 	"context"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -154,8 +153,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.Fanout.provision()
 		h.fan = new(fanoutRuntime)
 		h.fan.policy = h.newClientPolicy(&h.fan.clients)
-		// Handlers share a hub only when they agree on its settings.
-		h.fan.poolPrefix = fmt.Sprintf("%v\x00", h.hubConfig())
+		// The hub settings are not part of the pool key: a reload that
+		// changes them keeps the hub and its cache, and the new handler's
+		// settings apply to it (hub.join).
+		h.fan.cfg = h.hubConfig()
 	}
 	return nil
 }

@@ -266,6 +266,7 @@ func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (res connRe
 	req := src.tmpl.Clone(ctx)
 	req.Header.Del("Accept-Encoding")
 	hb.mu.Lock()
+	hw.maxSize = hb.cfg.maxEventSize // a reload may change it (applyLocked)
 	if hb.backendIDs && hb.lastBackID != "" {
 		req.Header.Set("Last-Event-ID", hb.lastBackID)
 	}
@@ -308,6 +309,7 @@ type hubWriter struct {
 	frame       sse.Framer
 	oversize    bool // dropping the rest of an event larger than max_event_size
 	events      int  // events published
+	maxSize     int  // max_event_size when it connected
 }
 
 func (w *hubWriter) Header() http.Header { return w.header }
@@ -350,7 +352,7 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 		switch chunk := p[start:off]; {
 		case w.oversize:
 			w.frame.Drop()
-		case w.frame.Held()+len(chunk) > w.hub.cfg.maxEventSize:
+		case w.frame.Held()+len(chunk) > w.maxSize:
 			w.dropOversize()
 			w.frame.Drop()
 		default:
@@ -363,7 +365,7 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 	rest := p[start:]
 	switch {
 	case len(rest) == 0 || w.oversize:
-	case w.frame.Held()+len(rest) > w.hub.cfg.maxEventSize:
+	case w.frame.Held()+len(rest) > w.maxSize:
 		w.dropOversize()
 		w.oversize = true
 		w.frame.Drop()
@@ -375,7 +377,7 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 
 func (w *hubWriter) dropOversize() {
 	w.hub.logger.Warn("dropping an event larger than max_event_size: fan-out delivers and caches whole events only",
-		zap.Int("max_event_size", w.hub.cfg.maxEventSize))
+		zap.Int("max_event_size", w.maxSize))
 }
 
 func (w *hubWriter) publish(raw []byte) {
