@@ -9,6 +9,7 @@ package caddysse
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -155,8 +156,19 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.fan.policy = h.newClientPolicy(&h.fan.clients)
 		// The hub settings are not part of the pool key: a reload that
 		// changes them keeps the hub and its cache, and the new handler's
-		// settings apply to it (hub.join).
+		// settings apply to it (hub.join). Its broker is: a history
+		// cannot move from one broker to another (LoadModule below
+		// forgets the raw config).
 		h.fan.cfg = h.hubConfig()
+		h.fan.poolPrefix = fmt.Sprintf("%s\x00", h.Fanout.BrokerRaw)
+		h.fan.broker = new(MemoryBroker)
+		if h.Fanout.BrokerRaw != nil {
+			mod, err := ctx.LoadModule(h.Fanout, "BrokerRaw")
+			if err != nil {
+				return fmt.Errorf("fanout: broker: %v", err)
+			}
+			h.fan.broker = mod.(Broker)
+		}
 	}
 	return nil
 }

@@ -55,13 +55,15 @@ php_admin_value[max_execution_time] = 0
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 	})
-	waitUntil(t, 10*time.Second, "php-fpm listening on "+addr, func() bool {
+	if !eventually(10*time.Second, func() bool {
 		c, err := net.Dial("tcp", addr)
 		if err == nil {
 			c.Close()
 		}
 		return err == nil
-	})
+	}) {
+		t.Fatalf("php-fpm not listening on %s", addr)
+	}
 	return addr
 }
 
@@ -145,18 +147,5 @@ func TestFanoutCarriesVarsToProxy(t *testing.T) {
 	openStream(t, base+"/events", false)
 	if got := b.request(t).Header.Get("X-Var"); got != "y" {
 		t.Fatalf("X-Var %q reached the backend, want y", got)
-	}
-}
-
-// waitUntil polls cond until it holds, failing the test with what after
-// within: a condition with a deadline, never a bare sleep.
-func waitUntil(t testing.TB, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("no %s within %s", what, within)
-		}
-		time.Sleep(10 * time.Millisecond) // polling a condition with a deadline
 	}
 }

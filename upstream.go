@@ -171,8 +171,26 @@ func (hb *hub) dropSource(run *fanoutRuntime) {
 func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 	defer close(u.done)
 	attempt := 0 // reconnects since the backend last sent an event
+	leadBackoff := time.Duration(0)
 	for {
-		res, err := hb.connect(ctx, src, u.gen)
+		// Only the lease holder runs the upstream (the memory broker always
+		// grants it). A node without the lease asks again later.
+		// TODO(cluster): meanwhile follow the broker (Notify, then Read
+		// into the window) and share the upstream's header through it.
+		lease, ok, err := hb.stream.Lead(ctx)
+		if err != nil || !ok {
+			if ctx.Err() != nil {
+				return
+			}
+			leadBackoff = min(max(2*leadBackoff, 500*time.Millisecond), maxBackoff)
+			hb.logger.Debug("not leading this stream; asking again later", zap.Duration("after", leadBackoff), zap.Error(err))
+			if !sleepCtx(ctx, leadBackoff) {
+				return
+			}
+			continue
+		}
+		leadBackoff = 0
+		res, err := hb.connect(ctx, src, u.gen, lease)
 		notStream, clean := res.notStream, res.clean
 		if ctx.Err() != nil {
 			return
@@ -228,13 +246,21 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 		hb.reconnects++
 		hb.mu.Unlock()
 		hb.logger.Info("backend stream ended; reconnecting", zap.Duration("after", backoff), zap.Error(err))
-		t := time.NewTimer(backoff)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, backoff) {
 			return
 		}
+	}
+}
+
+// sleepCtx waits d, or less if ctx ends first (then it returns false).
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
 	}
 }
 
@@ -261,8 +287,8 @@ type connResult struct {
 var errUpstreamAborted = errors.New("sse: upstream response aborted")
 
 // connect runs one upstream request through the handler's route.
-func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (res connResult, err error) {
-	hw := &hubWriter{hub: hb, ctx: ctx, gen: gen, header: make(http.Header)}
+func (hb *hub) connect(ctx context.Context, src *source, gen uint64, lease Lease) (res connResult, err error) {
+	hw := &hubWriter{hub: hb, ctx: ctx, gen: gen, lease: lease, header: make(http.Header)}
 	req := src.tmpl.Clone(ctx)
 	req.Header.Del("Accept-Encoding")
 	hb.mu.Lock()
@@ -302,6 +328,7 @@ type hubWriter struct {
 	hub         *hub
 	ctx         context.Context // the upstream's: ends when it is stopped
 	gen         uint64          // which upstream connection this is
+	lease       Lease           // fences its appends to the broker
 	header      http.Header
 	wroteHeader bool
 	streaming   bool
@@ -325,6 +352,7 @@ func (w *hubWriter) WriteHeader(status int) {
 	}
 	w.streaming = true
 	w.hub.streamStarted(w.gen, status, w.header.Clone())
+	w.hub.publishGap(w.ctx, w.gen, w.lease)
 }
 
 var errNotStream = errors.New("sse: upstream response is not an event stream")
@@ -389,7 +417,7 @@ func (w *hubWriter) publish(raw []byte) {
 		return // the backend's own heartbeats: the hub sends its own
 	}
 	w.events++
-	w.hub.publish(w.gen, raw, info)
+	w.hub.publish(w.ctx, w.gen, w.lease, raw, info)
 }
 
 // FlushError: events are published as they complete; nothing to flush.
