@@ -298,6 +298,7 @@ func TestAdaptRejects(t *testing.T) {
 		{"fanout {\n\t\t\tids mine\n\t\t}", `fanout: ids: "mine" is not one of auto, upstream, synthesize, at Caddyfile:4`},
 		{"fanout {\n\t\t\tids\n\t\t}", "fanout: ids: wrong argument count: want ids auto|upstream|synthesize, at Caddyfile:4"},
 		{"fanout {\n\t\t\ton_unknown_id resend\n\t\t}", `fanout: on_unknown_id: "resend" is not one of reset, backend, at Caddyfile:4`},
+		{"fanout {\n\t\t\ton_end sometimes\n\t\t}", `fanout: on_end: "sometimes" is not one of auto, end, reconnect, at Caddyfile:4`},
 		{"fanout {\n\t\t\tbuffer lots\n\t\t}", `fanout: buffer: "lots" is neither an event count (1000), a size (8MiB) nor an age (10m), at Caddyfile:4`},
 		{"fanout {\n\t\t\tbuffer -5\n\t\t}", "fanout: buffer: -5 is negative, at Caddyfile:4"},
 		{"fanout {\n\t\t\tbuffer -1MiB\n\t\t}", "fanout: buffer: -1MiB is negative, at Caddyfile:4"},
