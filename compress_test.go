@@ -331,20 +331,20 @@ func TestCompressedHeartbeatAndMaxAge(t *testing.T) {
 				"padding": 0, "heartbeat": "1s", "heartbeat_comment": "hb", "retry": "250ms", "max_age": "2s",
 			}), proxyTo(b.Addr)))
 			c := openDecoding(t, base+"/events", false, enc)
-			want := "retry: 250\n\n"
+			want := "retry: 250\n"
 			c.waitPlain(t, want)
 			b.send(t, "data: x\n\n")
 			want += "data: x\n\n"
 			c.waitPlain(t, want)
 			// The heartbeat is a sync flush of its own.
-			want += ": hb\n\n"
+			want += ": hb\n"
 			c.waitPlain(t, want)
 			// max_age ends the stream with the retry hint and a trailer.
 			if err := c.waitEnd(t); err != nil {
 				t.Fatalf("decoding the end of the stream: %v", err)
 			}
 			got, _ := c.state()
-			if !strings.HasPrefix(got, want) || !strings.HasSuffix(got, "\n\nretry: 250\n\n") {
+			if !strings.HasPrefix(got, want) || !strings.HasSuffix(got, "\nretry: 250\n") {
 				t.Fatalf("got %q", got)
 			}
 			b.handlerReturned(t, 5*time.Second)

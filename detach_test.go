@@ -200,7 +200,7 @@ func TestFanoutMaxAgeEndsEveryKindOfClient(t *testing.T) {
 		if c.err != nil {
 			t.Fatalf("%s: stream ended with %v, want a clean end", name, c.err)
 		}
-		if !strings.HasSuffix(got, "retry: 250\n\n") {
+		if !strings.HasSuffix(got, "retry: 250\n") {
 			t.Fatalf("%s: did not end with the retry hint: %q", name, tail(got))
 		}
 	}
