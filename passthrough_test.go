@@ -42,6 +42,7 @@ func TestStreamHeadersAndPaddingBeforeFirstEvent(t *testing.T) {
 				"Content-Type":      "text/event-stream",
 				"Cache-Control":     "no-cache, no-transform",
 				"X-Accel-Buffering": "no",
+				"Incremental":       "?1", // RFC 10036: intermediaries that know it do not buffer
 				"Content-Length":    "",
 			}
 			for k, v := range want {
