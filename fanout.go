@@ -271,6 +271,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		c.sub = nil
 		return caddyhttp.Error(http.StatusServiceUnavailable, errStreamEnded) // shutting down
 	}
+	hb.out[encoding].clients.Add(1) // until release, with c.sub
 	// A compressed client writes what the hub's shared compressor encoded
 	// once for all clients (compress.go); it holds no compressor itself.
 	c.z = hb.attachShared(encoding)

@@ -44,6 +44,7 @@ func (c *fanoutClient) release() {
 	}
 	if c.sub != nil {
 		c.pol.streams.remove(c.sub)
+		c.hub.out[c.encoding].clients.Add(-1)
 	}
 	c.leave()
 	if c.hub != nil {
@@ -97,8 +98,12 @@ func (c *fanoutClient) poke() {
 
 // flushed reports a batch of raw bytes and the wire bytes they became.
 func (c *fanoutClient) flushed(raw int) {
-	c.pol.metrics.bytesWritten(modeFanout, c.encoding, int(c.wire-c.counted), raw)
+	wire := c.wire - c.counted
+	c.pol.metrics.bytesWritten(modeFanout, c.encoding, int(wire), raw)
 	c.counted = c.wire
+	out := &c.hub.out[c.encoding]
+	out.raw.Add(int64(raw))
+	out.wire.Add(wire)
 }
 
 // writeFailed reports a client cut off by write_timeout, and returns err.
