@@ -109,8 +109,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			compress zstd lz4
 		}`, err: "compress: unknown encoding 'lz4'"},
 		{in: `sse {
-			compress br
-		}`, err: "compress: encoding 'br' is not supported"},
+			compress zstd br gzip
+		}`, want: Handler{Compress: []string{"zstd", "br", "gzip"}}},
 		{in: `sse {
 			compress off gzip
 		}`, err: "compress: off cannot be combined"},

@@ -288,6 +288,9 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		w.WriteHeader(status)
 	}
 	c.out = newClientConn(wireCounter{ResponseWriter: belowIdleTimeout(r.Context(), w), n: &c.wire}, time.Duration(h.WriteTimeout))
+	if err := c.ownEncoder(); err != nil {
+		return err // not expected: an encoder in memory
+	}
 	err = c.run(r.Context(), first)
 	c.endEncoding()
 	return err
