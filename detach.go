@@ -165,10 +165,7 @@ func (c *fanoutClient) serveDetached(batch []*event) (done bool, _ []*event) {
 		if ended {
 			return true, batch
 		}
-		c.hub.mu.Lock()
-		lag := c.hub.seq - c.cursor
-		c.hub.mu.Unlock()
-		if lag > c.pol.queue {
+		if lag := c.hub.lag(c.cursor); lag > c.pol.queue {
 			c.cutBehind(lag, false)
 			return true, batch
 		}
@@ -276,9 +273,7 @@ func (d *deliverer) run() {
 	for {
 		// Taken before the turns: whatever is published during them wakes
 		// the next round.
-		hb.mu.Lock()
-		wake := hb.wake
-		hb.mu.Unlock()
+		wake := hb.wakeChan()
 		d.mu.Lock()
 		d.turn = append(d.turn[:0], d.clients...)
 		d.mu.Unlock()

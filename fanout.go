@@ -1,7 +1,9 @@
 package caddysse
 
 import (
+	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"sync/atomic"
@@ -100,12 +102,20 @@ type Fanout struct {
 	// upstream request. A response that is not a stream still passes
 	// through. Default: false.
 	AnyAccept bool `json:"any_accept,omitempty"`
+
+	// BrokerRaw is where the stream's shared history lives (events, ids,
+	// and which node runs the upstream): a module of the
+	// http.handlers.sse.brokers namespace, chosen by its "name". Default:
+	// memory, this node's memory. Handlers share a hub only when they name
+	// the same broker configuration.
+	BrokerRaw json.RawMessage `json:"broker,omitempty" caddy:"namespace=http.handlers.sse.brokers inline_key=name"`
 }
 
 // fanoutRuntime is a handler's fan-out state at run time, kept out of the
 // JSON config. A hub knows the handlers that can run its upstream by it
 // (hub.sources), never by the Handler itself.
 type fanoutRuntime struct {
+	broker     Broker
 	policy     *clientPolicy
 	poolPrefix string       // the hub settings, which are part of every pool key
 	clients    atomic.Int64 // connected clients of this handler
@@ -223,7 +233,12 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	cfg := h.hubConfig()
 	poolKey := run.poolPrefix + key
 	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
-		return newHub(poolKey, h.hashKey(key), cfg, h.logger), nil
+		limits := HistoryLimits{Events: cfg.limits.events, Bytes: cfg.limits.bytes, Age: cfg.limits.age}
+		stream, err := run.broker.Stream(r.Context(), poolKey, limits)
+		if err != nil {
+			return nil, fmt.Errorf("fanout: broker: %w", err)
+		}
+		return newHub(poolKey, h.hashKey(key), cfg, h.logger, stream), nil
 	})
 	if err != nil {
 		return err
@@ -248,7 +263,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		return h.servePassthrough(w, r, next)
 	}
 	lastID := r.Header.Get("Last-Event-ID")
-	cursor, behind, reset, found := hb.position(lastID, f.ReplayOnConnect, joinedAt)
+	cursor, behind, reset, found := hb.position(r.Context(), lastID, f.ReplayOnConnect, joinedAt)
 	switch {
 	case found:
 		h.metrics.replayServed(int(behind))
@@ -273,7 +288,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	}
 	hb.out[encoding].clients.Add(1) // until release, with c.sub
 	// A compressed client writes what the hub's shared compressor encoded
-	// once for all clients (compress.go); it holds no compressor itself.
+	// once for all clients (compress_shared.go); it holds no compressor itself.
 	c.z = hb.attachShared(encoding)
 	first := h.preludeFor(encoding)
 	if reset {

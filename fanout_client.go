@@ -132,9 +132,7 @@ func (c *fanoutClient) writeFailed(err error) error {
 // count, so that only heartbeats due from now on are written.
 func (c *fanoutClient) start(first []byte) error {
 	c.prevLag = ^uint64(0)
-	c.hub.mu.Lock()
-	c.beats = c.hub.beats
-	c.hub.mu.Unlock()
+	c.beats = c.hub.heartbeats()
 	if err := c.writeOwn(time.Now(), first); err != nil {
 		return c.writeFailed(err)
 	}
@@ -189,7 +187,7 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 	for {
 		hb.mu.Lock()
 		var ok bool
-		batch, ok = hb.buf.after(batch[:0], c.cursor, maxBatch)
+		batch, ok = hb.win.after(batch[:0], c.cursor, maxBatch)
 		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil)
 		wake = hb.wake
 		if c.z != nil {
