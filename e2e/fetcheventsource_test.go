@@ -96,10 +96,10 @@ func TestFetchEventSourceSeesOnlyBackendEvents(t *testing.T) {
 		t.Run(mode.name, func(t *testing.T) {
 			h := startCaddy(t, mode.handler)
 			h.backend.handle("quiet", backendStream)
-			direct := runFetchEventSource(t, h.url("/direct/quiet"), 15*time.Second)
+			direct := runFetchEventSource(t, h.base+"/direct/quiet", 15*time.Second)
 			series := `caddy_sse_heartbeats_total{mode="` + mode.label + `"}`
 			before := h.metric(t, series)
-			got := runFetchEventSource(t, h.url("/sse/quiet"), 15*time.Second)
+			got := runFetchEventSource(t, h.base+"/sse/quiet", 15*time.Second)
 			beats := h.metric(t, series) - before
 			t.Logf("direct: %+v", direct)
 			t.Logf("through the plugin (%v heartbeats written): %+v", beats, got)
