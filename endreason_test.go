@@ -7,6 +7,8 @@ import (
 	"os"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // endedReasons reads the plugin's "stream ended" log lines, by path.
@@ -58,15 +60,25 @@ func TestPassthroughLogsWhyAStreamEnded(t *testing.T) {
 	aged.request(t)
 	c.waitEOF(t, 5*time.Second)
 
+	// A config reload or stop ends the streams of the old config.
+	c = openStream(t, oc.Base+"/ended", false)
+	ended.request(t)
+	ended.send(t, "data: a\n\n")
+	c.waitSuffix(t, "data: a\n\n")
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	c.waitEOF(t, 5*time.Second)
+
 	want := map[string][]string{
 		"/gone":  {"client went away", "client went away"}, // HTTP/1.1, HTTP/2
-		"/ended": {"backend ended the stream"},
+		"/ended": {"backend ended the stream", "config reload or server shutdown"},
 		"/aged":  {"max_age reached"},
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		got := oc.endedReasons(t)
-		if len(got) == len(want) && len(got["/gone"]) == 2 {
+		if len(got) == len(want) && len(got["/gone"]) == 2 && len(got["/ended"]) == 2 {
 			for path, reasons := range want {
 				if len(got[path]) != len(reasons) || got[path][0] != reasons[0] || got[path][len(reasons)-1] != reasons[len(reasons)-1] {
 					t.Errorf("%s: stream ended with reasons %q, want %q", path, got[path], reasons)
