@@ -108,8 +108,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			compress zstd lz4
 		}`, err: "compress: unknown encoding 'lz4'"},
 		{in: `sse {
-			compress br
-		}`, err: "compress: encoding 'br' is not supported"},
+			compress zstd br gzip
+		}`, want: Handler{Compress: []string{"zstd", "br", "gzip"}}},
 		{in: `sse {
 			compress off gzip
 		}`, err: "compress: off cannot be combined"},
@@ -290,7 +290,7 @@ func TestAdaptRejects(t *testing.T) {
 		{"max_event_size 0", "max_event_size: 0 is below the minimum of 1 KiB, at Caddyfile:3"},
 		{"max_event_size off", "max_event_size: cannot be off: give a size of at least 1 KiB, at Caddyfile:3"},
 		{"max_event_size 2GiB", "max_event_size: 2 GiB is over the maximum of 1 GiB, at Caddyfile:3"},
-		{"compress lz4", "compress: unknown encoding 'lz4' (supported: zstd, gzip, or off), at Caddyfile:3"},
+		{"compress lz4", "compress: unknown encoding 'lz4' (supported: zstd, gzip, br, or off), at Caddyfile:3"},
 		{"compress", "compress: wrong argument count: want compress <encodings...>|off, at Caddyfile:3"},
 		{"hearbeat 5s", "hearbeat: unrecognized sse option, at Caddyfile:3"},
 		{"fanout extra", "fanout: unexpected argument 'extra' (options go in a block), at Caddyfile:3"},

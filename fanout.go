@@ -308,6 +308,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		c.sub = nil
 		return caddyhttp.Error(http.StatusServiceUnavailable, errStreamEnded) // shutting down
 	}
+	hb.out[encoding].clients.Add(1) // until release, with c.sub
 	// A compressed client writes what the hub's shared compressor encoded
 	// once for all clients (compress_shared.go); it holds no compressor itself.
 	c.z = hb.attachShared(encoding)
@@ -324,6 +325,9 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		w.WriteHeader(status)
 	}
 	c.out = newClientConn(wireCounter{ResponseWriter: belowIdleTimeout(r.Context(), w), n: &c.wire}, time.Duration(h.WriteTimeout))
+	if err := c.ownEncoder(); err != nil {
+		return err // not expected: an encoder in memory
+	}
 	err = c.run(r.Context(), first)
 	c.endEncoding()
 	return err

@@ -44,8 +44,10 @@ func (c *fanoutClient) release() {
 	}
 	if c.sub != nil {
 		c.pol.streams.remove(c.sub)
+		c.hub.out[c.encoding].clients.Add(-1)
 	}
 	c.leave()
+	c.out.endEncoding(false) // an own encoder's memory, if endEncoding did not run
 	if c.hub != nil {
 		c.pol.release(c.hub)
 	}
@@ -55,11 +57,23 @@ func (c *fanoutClient) release() {
 }
 
 // endEncoding finishes a compressed stream (gzip trailer, last zstd block)
-// when the stream ended on our side and the client is still there.
+// when the stream ended on our side and the client is still there. A
+// client's own encoder (br) is finished then too, and released in any case.
 func (c *fanoutClient) endEncoding() {
 	if c.z != nil && c.clean {
 		_ = c.z.end(&c.out)
 	}
+	c.out.endEncoding(c.clean)
+}
+
+// ownEncoder gives a client whose coding the hub does not compress for
+// all (br, see sharedCodings) an encoder of its own, once its connection
+// is set up: everything it writes then goes through it.
+func (c *fanoutClient) ownEncoder() error {
+	if c.encoding == codingIdentity || sharedCodings[c.encoding] {
+		return nil
+	}
+	return c.out.compress(c.encoding)
 }
 
 // fanoutClient is one client of a hub: a cursor into the hub's cache and
@@ -98,8 +112,12 @@ func (c *fanoutClient) poke() {
 
 // flushed reports a batch of raw bytes and the wire bytes they became.
 func (c *fanoutClient) flushed(raw int) {
-	c.pol.metrics.bytesWritten(modeFanout, c.encoding, int(c.wire-c.counted), raw)
+	wire := c.wire - c.counted
+	c.pol.metrics.bytesWritten(modeFanout, c.encoding, int(wire), raw)
 	c.counted = c.wire
+	out := &c.hub.out[c.encoding]
+	out.raw.Add(int64(raw))
+	out.wire.Add(wire)
 }
 
 // writeFailed reports a client cut off by write_timeout, and returns err.

@@ -196,8 +196,14 @@ func TestFanoutSharesOneUpstream(t *testing.T) {
 	if n := e.requests(); n != 1 {
 		t.Fatalf("backend got %d requests for 20 clients of one stream", n)
 	}
-	if got := clients[0].Resp.Header.Get("Content-Type"); got != "text/event-stream" {
-		t.Fatalf("Content-Type %q", got)
+	for _, c := range clients[:2] { // HTTP/1.1 (handed over) and HTTP/2
+		if got := c.Resp.Header.Get("Content-Type"); got != "text/event-stream" {
+			t.Fatalf("%s: Content-Type %q", c.Resp.Proto, got)
+		}
+		// Intermediaries that know the Incremental header do not buffer.
+		if got := c.Resp.Header.Get("Incremental"); got != "?1" {
+			t.Fatalf("%s: Incremental %q, want ?1", c.Resp.Proto, got)
+		}
 	}
 }
 

@@ -7,7 +7,9 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/seed-b7710c89/caddy-sse/internal/sse"
@@ -84,7 +86,16 @@ type hub struct {
 	destroyed  bool
 	zc         [numCodings]sharedCompressor // one per coding clients use (compress_shared.go)
 	dlOnce     sync.Once
-	dl         []*deliverer // delivery loops of detached clients (detach.go)
+	dl         []*deliverer          // delivery loops of detached clients (detach.go)
+	out        [numCodings]hubOutput // per content coding, for the admin API
+}
+
+// hubOutput is what a hub's clients of one content coding were sent. Its
+// counters are atomic: clients update them from their own goroutines (the
+// request's or a delivery loop's) without the hub's lock.
+type hubOutput struct {
+	clients   atomic.Int64 // clients streaming now
+	raw, wire atomic.Int64 // bytes written to them, before and after compression
 }
 
 func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger, stream BrokerStream) *hub {
@@ -557,6 +568,21 @@ func (hb *hub) report(now time.Time) streamStatus {
 		Reconnects:    hb.reconnects,
 		Events:        int64(hb.seq),
 	}
+	var codings []string
+	for i := range hb.out {
+		o := &hb.out[i]
+		es := encodingStatus{Encoding: coding(i).String(), Clients: o.clients.Load(), Bytes: o.raw.Load(), WireBytes: o.wire.Load()}
+		if es.Clients == 0 && es.Bytes == 0 {
+			continue // a coding no client of this hub ever used
+		}
+		st.Encodings = append(st.Encodings, es)
+		st.Bytes += es.Bytes
+		st.WireBytes += es.WireBytes
+		if es.Clients > 0 {
+			codings = append(codings, es.Encoding)
+		}
+	}
+	st.Encoding = strings.Join(codings, ",")
 	if ev, _ := hb.win.after(nil, hb.seq-1, 1); len(ev) == 1 {
 		st.LastEventID = formatID([]byte(ev[0].id))
 	}

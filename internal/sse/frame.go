@@ -73,9 +73,14 @@ func ResetEvent(typ, lastID string) []byte {
 	return []byte("event: " + typ + "\ndata: " + lastID + "\n\n")
 }
 
-// RetryField is a retry field in its own block, in milliseconds.
+// RetryField is a retry field line, in milliseconds, without a blank line
+// after it: a parser applies a retry field as it reads the line (WHATWG
+// HTML, "process the field"), so no dispatch is needed, and a blank line
+// would make clients such as fetch-event-source dispatch an empty message.
+// Written at an event boundary, it joins the next event's block, whose
+// dispatch it does not change.
 func RetryField(d time.Duration) []byte {
-	return []byte("retry: " + strconv.FormatInt(d.Milliseconds(), 10) + "\n\n")
+	return []byte("retry: " + strconv.FormatInt(d.Milliseconds(), 10) + "\n")
 }
 
 // PaddingBlock is one comment line of exactly n bytes (n is 0 or >= 2).
