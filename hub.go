@@ -455,7 +455,7 @@ func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte,
 	}
 	if info.Retry() >= 0 {
 		hb.retry = time.Duration(min(info.Retry(), int64(maxBackoff/time.Millisecond))) * time.Millisecond
-		hb.retryField = []byte("retry: " + strconv.FormatInt(info.Retry(), 10) + "\n\n")
+		hb.retryField = []byte("retry: " + strconv.FormatInt(info.Retry(), 10) + "\n") // a line, as sse.RetryField
 	}
 	synthesize := hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !backendID)
 	hb.mu.Unlock()
