@@ -127,25 +127,34 @@ func TestFanoutCarriesRootToPHPFPM(t *testing.T) {
 	}
 }
 
-// A var set before sse (`vars`) reaches a placeholder of a handler after
-// it, in the shared upstream request.
+// A var set before sse (`vars`) and a matcher's capture (evaluated on the
+// client's request, before sse) reach placeholders of a handler after it,
+// in the shared upstream request.
 func TestFanoutCarriesVarsToProxy(t *testing.T) {
 	checkNoLeak(t)
 	b := newScriptedBackend(t)
 	base := startCaddyfile(t, fmt.Sprintf(`	vars x y
-	sse {
-		padding 0
-		heartbeat off
-		fanout {
-			linger off
+	@ev path_regexp ev ^/(ev)ents$
+	handle @ev {
+		sse {
+			padding 0
+			heartbeat off
+			fanout {
+				linger off
+			}
 		}
-	}
-	reverse_proxy %s {
-		header_up X-Var {vars.x}
+		reverse_proxy %s {
+			header_up X-Var {vars.x}
+			header_up X-Cap {re.ev.1}
+		}
 	}`, b.Addr))
 	t.Cleanup(func() { waitHubsGone(t, strings.TrimPrefix(base, "http://")) })
 	openStream(t, base+"/events", false)
-	if got := b.request(t).Header.Get("X-Var"); got != "y" {
+	r := b.request(t)
+	if got := r.Header.Get("X-Var"); got != "y" {
 		t.Fatalf("X-Var %q reached the backend, want y", got)
+	}
+	if got := r.Header.Get("X-Cap"); got != "ev" {
+		t.Fatalf("X-Cap %q reached the backend, want ev (the path_regexp capture)", got)
 	}
 }
