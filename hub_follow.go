@@ -172,7 +172,9 @@ func (hb *hub) readBroker(ctx context.Context) (added int, _ error) {
 	}
 	hb.pubMu.Lock()
 	defer hb.pubMu.Unlock()
-	batch := max(hb.cfg.limits.events, 0)
+	hb.mu.Lock()
+	batch := max(hb.cfg.limits.events, 0) // cfg changes under mu (a reload applies its settings)
+	hb.mu.Unlock()
 	if batch == 0 || batch > 1000 {
 		batch = 1000
 	}
@@ -242,25 +244,6 @@ func (hb *hub) addResetLocked() {
 	hb.win.add(&event{seq: hb.seq, data: data, at: now, z: hb.compressShared(data)})
 	hb.lastPub = now
 	hb.broadcastLocked()
-}
-
-// takeReset returns the reset event a new upstream connection publishes
-// first, when the history has events its backend cannot resume after (it
-// sends no ids): a new leader taking over, or events dropped while the
-// broker failed.
-func (hb *hub) takeReset() []byte {
-	hb.mu.Lock()
-	defer hb.mu.Unlock()
-	if !hb.needReset || hb.backendIDs || hb.seq == 0 {
-		hb.needReset = false
-		return nil
-	}
-	hb.needReset = false
-	last := ""
-	if ev, _ := hb.win.after(nil, hb.seq-1, 1); len(ev) == 1 {
-		last = ev[0].id
-	}
-	return sse.ResetEvent(hb.cfg.resetEvent, last)
 }
 
 // followerStarted takes the leader's response head from the broker: the
