@@ -262,7 +262,7 @@ func TestClusterRedisOutageEndsStreams(t *testing.T) {
 	r.Kill()
 	e.emit("data: lost\n\n") // the leader cannot append it: nobody gets it
 	got := c.waitEOF(t, 15*time.Second)
-	if !bytes.HasSuffix(got, []byte("retry: 300\n\n")) {
+	if !bytes.HasSuffix(got, []byte("retry: 300\n")) {
 		t.Fatalf("the stream did not end with the retry hint: %q", got)
 	}
 	if evs, _, _ := parseEvents(got); len(evs) != 1 || evs[0].Data != "before" {
