@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -187,6 +189,28 @@ func TestRedisBrokerTwoNodes(t *testing.T) {
 		t.Fatalf("the new leader appends at %+v (%v), want right after %+v", pos2, err, pos)
 	}
 
+	// The metrics of each node's connection counted what it did.
+	m1, m2 := b1.conn.metrics.Load(), b2.conn.metrics.Load()
+	if m1 == nil || m2 == nil {
+		t.Fatal("no broker metrics registered")
+	}
+	for _, c := range []struct {
+		name string
+		c    prometheus.Metric
+		min  float64
+	}{
+		{"node 1 lease acquisitions", m1.leaseAcquired, 1},
+		{"node 2 lease acquisitions", m2.leaseAcquired, 1},
+		{"node 1 appends", m1.appends, 1},
+		{"node 2 appends", m2.appends, 1},
+		{"node 2 reads", m2.reads, 1},
+		{"node 1 append latency observations", m1.latency.WithLabelValues("append").(prometheus.Metric), 1},
+	} {
+		if got := metricCount(t, c.c); got < c.min {
+			t.Errorf("%s: %v, want at least %v", c.name, got, c.min)
+		}
+	}
+
 	// A lease taken away in Redis (expired while this node was paused, or
 	// lost with Redis' data) is reported through Lost within the TTL.
 	rc := redis.NewClient(&redis.Options{Addr: addr})
@@ -202,6 +226,9 @@ func TestRedisBrokerTwoNodes(t *testing.T) {
 	case <-l2.Lost:
 	case <-time.After(4 * time.Second):
 		t.Fatal("a lease deleted in Redis was not reported lost within the TTL")
+	}
+	if !eventually(time.Second, func() bool { return metricCount(t, m2.leaseLosses) >= 1 }) {
+		t.Error("the lost lease was not counted")
 	}
 }
 
@@ -342,4 +369,17 @@ func TestClusterFollowerInProcess(t *testing.T) {
 	if n := e.requests(); n != 1 {
 		t.Fatalf("the backend got %d requests for one stream on two nodes", n)
 	}
+}
+
+// metricCount is a counter's value, or a histogram's count of observations.
+func metricCount(t *testing.T, m prometheus.Metric) float64 {
+	t.Helper()
+	var out dto.Metric
+	if err := m.Write(&out); err != nil {
+		t.Fatal(err)
+	}
+	if h := out.GetHistogram(); h != nil {
+		return float64(h.GetSampleCount())
+	}
+	return out.GetCounter().GetValue()
 }
