@@ -155,16 +155,20 @@ func (c *fanoutClient) serveDetached(batch []*event) (done bool, _ []*event) {
 	default:
 	}
 	if c.wc.draining() {
-		// The client has not taken its last write yet: no more for now. It
-		// still falls behind, or is ended, like any other.
+		// The client has not taken its last write yet: no more for now.
+		// The drain is bounded by write_timeout; being behind is not being
+		// slow (step), but a client whose next event left the cache is cut
+		// like any other, so that write_timeout off cannot hold it forever.
 		if ended {
 			return true, batch
 		}
 		c.hub.mu.Lock()
 		lag := c.hub.seq - c.cursor
+		batch, ok := c.hub.buf.after(batch[:0], c.cursor, 1)
 		c.hub.mu.Unlock()
-		if lag > c.pol.queue {
-			c.cutBehind(lag, false)
+		clear(batch)
+		if !ok {
+			c.cutBehind(lag, true)
 			return true, batch
 		}
 		return false, batch

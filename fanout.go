@@ -78,10 +78,13 @@ type Fanout struct {
 	// ResetEvent is the event type of the reset event. Default: sse-reset.
 	ResetEvent string `json:"reset_event,omitempty"`
 
-	// ClientQueue is how many events a client may fall behind the live
-	// stream before it is disconnected (it reconnects and catches up from
-	// the cache), so one slow reader never holds back the others.
-	// Default: 256.
+	// ClientQueue is accepted for compatibility and no longer used. It was
+	// how many events a client could fall behind before it was cut, which
+	// cut every client, however fast, when a backend wrote a burst. A
+	// client is now cut when its bytes stop leaving (a write not done
+	// within write_timeout) or when its next event left the cache (it then
+	// resumes from its Last-Event-ID); the cache bounds what it can be
+	// behind, so one slow reader never holds back the others.
 	ClientQueue int `json:"client_queue,omitempty"`
 
 	// MaxClients limits the clients of one key; MaxClientsTotal those of
@@ -118,7 +121,6 @@ type clientPolicy struct {
 	metrics        *sseMetrics
 	streams        *streamSet    // the handler's live streams, ended at shutdown
 	clients        *atomic.Int64 // the handler's client count, for max_clients_total
-	queue          uint64        // client_queue
 	heartbeatBytes []byte
 	retry          time.Duration // the configured retry, 0 for none
 	retryHint      []byte
@@ -136,7 +138,6 @@ func (h *Handler) newClientPolicy(clients *atomic.Int64) *clientPolicy {
 		metrics:        h.metrics,
 		streams:        h.streams,
 		clients:        clients,
-		queue:          defaultClientQueue,
 		heartbeatBytes: h.heartbeatBytes,
 		retry:          time.Duration(h.Retry),
 		retryHint:      h.retryHint,
@@ -144,7 +145,6 @@ func (h *Handler) newClientPolicy(clients *atomic.Int64) *clientPolicy {
 		writeTimeout:   time.Duration(h.WriteTimeout),
 	}
 	if f := h.Fanout; f != nil {
-		p.queue = uint64(f.ClientQueue)
 		p.linger = defaultLinger
 		if f.Linger != nil {
 			p.linger = time.Duration(*f.Linger)
