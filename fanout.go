@@ -2,6 +2,7 @@ package caddysse
 
 import (
 	"errors"
+	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"sync/atomic"
@@ -208,7 +209,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	f, run := h.Fanout, h.fan
 	if n := run.clients.Add(1); f.MaxClientsTotal > 0 && n > int64(f.MaxClientsTotal) {
 		run.clients.Add(-1)
-		return h.refuse(w, "max_clients_total")
+		return h.refuse(w, r, "max_clients_total")
 	}
 	c := &fanoutClient{pol: run.policy}
 	// Whoever ends the stream releases the client: this request, or the
@@ -233,7 +234,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 
 	joinedAt, ok := hb.join(run, f.MaxClients, r, next)
 	if !ok {
-		return h.refuse(w, "max_clients")
+		return h.refuse(w, r, "max_clients")
 	}
 	c.joined = true
 
@@ -269,7 +270,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	if !h.streams.add(c.sub, srv) {
 		c.sub = nil
-		return caddyhttp.Error(http.StatusServiceUnavailable, errStreamEnded) // shutting down
+		return h.refuseWith(w, r, errStreamEnded) // shutting down
 	}
 	// A compressed client writes what the hub's shared compressor encoded
 	// once for all clients (compress.go); it holds no compressor itself.
@@ -292,13 +293,36 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	return err
 }
 
-// refuse answers a client past a limit: 503 with Retry-After.
-func (h *Handler) refuse(w http.ResponseWriter, limit string) error {
+// refuse answers a client past a limit.
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, limit string) error {
 	h.logger.Warn("refusing a client: fan-out limit reached", zap.String("limit", limit))
 	h.metrics.clientRefused(limit)
-	retry := max(time.Duration(h.Retry), time.Second)
-	w.Header().Set("Retry-After", strconv.Itoa(int((retry+time.Second-1)/time.Second)))
-	return caddyhttp.Error(http.StatusServiceUnavailable, errTooManyClients)
+	return h.refuseWith(w, r, errTooManyClients)
+}
+
+// refuseWith answers a client the plugin will not serve now (a limit, a
+// shutdown) so that it comes back later. An EventSource that gets
+// anything but 200 text/event-stream "fails the connection" and never
+// retries (WHATWG), so a request that asks for an event stream gets one:
+// a retry field, jittered between the configured retry (1s when none) and
+// twice that so that refused clients do not all return at once, and an
+// immediate end, which EventSource and fetch-event-source answer by
+// reconnecting after it. Other clients get 503 with Retry-After.
+func (h *Handler) refuseWith(w http.ResponseWriter, r *http.Request, cause error) error {
+	base := max(time.Duration(h.Retry), time.Second)
+	w.Header().Set("Retry-After", strconv.Itoa(int((base+time.Second-1)/time.Second)))
+	if !acceptsEventStream(r.Header) {
+		return caddyhttp.Error(http.StatusServiceUnavailable, cause)
+	}
+	hdr := w.Header()
+	for _, k := range []string{"Content-Encoding", "Content-Length", "Transfer-Encoding"} {
+		hdr.Del(k) // what a stream answer set (shutdown): this one is plain
+	}
+	hdr.Set("Content-Type", "text/event-stream")
+	prepareStreamHeader(hdr, r.ProtoMajor)
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(sse.RetryField(base + rand.N(base)))
+	return nil
 }
 
 // release drops a client's reference to the hub after linger, so that
