@@ -1,9 +1,12 @@
 package caddysse
 
 import (
+	"context"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -104,4 +107,107 @@ func TestFanoutRefusalEventSourceComesBack(t *testing.T) {
 		t.Fatalf("refused non-EventSource client got %d, Retry-After %q", resp.StatusCode, resp.Header.Get("Retry-After"))
 	}
 	waitHubClients(t, base, 1)
+}
+
+// holdingBackend answers nothing until its client leaves, and counts the
+// requests it holds: an upstream that never gets to stream.
+type holdingBackend struct {
+	addr string
+	held atomic.Int64 // requests now held
+	got  atomic.Int64 // requests so far
+}
+
+func newHoldingBackend(t *testing.T) *holdingBackend {
+	b := &holdingBackend{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b.held.Add(1)
+		b.got.Add(1)
+		defer b.held.Add(-1)
+		<-r.Context().Done()
+	}))
+	t.Cleanup(srv.Close)
+	b.addr = srv.Listener.Addr().String()
+	return b
+}
+
+// Many clients with distinct keys (here distinct queries) that leave
+// before their upstream answered must not hold as many upstream
+// connections for linger: a hub that never streamed to anyone goes at
+// once, and gives back its place under max_streams.
+func TestFanoutClientsThatLeaveEarlyHoldNoUpstream(t *testing.T) {
+	checkNoLeak(t)
+	b := newHoldingBackend(t)
+	const n = 20
+	base := startCaddy(t, route("/events", sseHandler(map[string]any{"padding": 0, "fanout": map[string]any{
+		"linger": "5s", "max_streams": n,
+	}}), proxyTo(b.addr)))
+	for i := range n {
+		ctx, cancel := context.WithCancel(context.Background())
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("%s/events?user=%d", base, i), nil)
+		req.Header.Set("Accept", "text/event-stream")
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			if resp, err := http.DefaultClient.Do(req); err == nil {
+				resp.Body.Close()
+			}
+		}()
+		for deadline := time.Now().Add(5 * time.Second); b.got.Load() < int64(i+1); {
+			if time.Now().After(deadline) {
+				t.Fatalf("client %d: the backend got no request", i)
+			}
+			time.Sleep(5 * time.Millisecond) // polling a condition with a deadline
+		}
+		cancel() // the client leaves before the upstream answered
+		<-done
+	}
+	for deadline := time.Now().Add(2 * time.Second); b.held.Load() > 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d upstream requests still held after their clients left (linger 5s)", b.held.Load())
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition with a deadline
+	}
+}
+
+// max_streams caps the hubs of a handler: the stream past it is refused
+// (as at max_clients), the others go on, and a freed place is taken again.
+func TestFanoutMaxStreamsRefusesTheNextStream(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"fanout": map[string]any{"max_streams": 2, "any_accept": true}}))
+	a := openStream(t, base+"/events?k=a", false)
+	b := openStream(t, base+"/events?k=b", true)
+	e.waitJoined(t, 2)
+	refused := openStream(t, base+"/events?k=c", false)
+	if got := string(refused.waitEOF(t, 5*time.Second)); refused.Resp.StatusCode != http.StatusOK || !strings.HasPrefix(got, "retry: ") {
+		t.Fatalf("third stream got %d %q, want a refusal an EventSource comes back from", refused.Resp.StatusCode, got)
+	}
+	req, _ := http.NewRequest("GET", base+"/events?k=d", nil)
+	req.Header.Set("Accept", "*/*")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("a stream past max_streams for a non-EventSource client got %d, want 503", resp.StatusCode)
+	}
+	// A client of an existing stream is not refused.
+	a2 := openStream(t, base+"/events?k=a", false)
+	e.emit("data: one\n\n")
+	for _, c := range []*client{a, b, a2} {
+		waitEvents(t, c, 1)
+	}
+	// A freed place (linger 0) is taken again.
+	b.close()
+	for deadline := time.Now().Add(5 * time.Second); e.connected() != 1; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d upstreams after one of two streams lost its last client", e.connected())
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition with a deadline
+	}
+	c := openStream(t, base+"/events?k=c", false)
+	e.waitJoined(t, 1)
+	e.emit("data: two\n\n")
+	waitEvents(t, c, 1)
 }

@@ -22,6 +22,7 @@ const (
 	defaultLinger       = 30 * time.Second
 	defaultClientQueue  = 256
 	defaultResetEvent   = "sse-reset"
+	defaultMaxStreams   = 1000
 	maxBatch            = 256 // events written to a client before one flush
 	maxBackoff          = 30 * time.Second
 )
@@ -94,6 +95,16 @@ type Fanout struct {
 	MaxClients      int `json:"max_clients,omitempty"`
 	MaxClientsTotal int `json:"max_clients_total,omitempty"`
 
+	// MaxStreams limits the hubs this handler opens: distinct keys, each
+	// with its own upstream connection and replay cache. Past it, a client
+	// whose key has no hub yet is refused as past MaxClients; clients of
+	// existing hubs are not. With BufferBytes it bounds the handler's cache
+	// memory: at most MaxStreams × BufferBytes. A hub that never streamed
+	// to a client (its clients all left before the upstream answered, or
+	// the backend did not answer with a stream) is closed at once, without
+	// linger, so it does not hold a place. Default: 1000.
+	MaxStreams int `json:"max_streams,omitempty"`
+
 	// AnyAccept lets GET requests fan out whatever their Accept header,
 	// as long as it admits an event stream: none, */*, text/* or
 	// text/event-stream (not with q=0). By default only requests that
@@ -113,6 +124,7 @@ type fanoutRuntime struct {
 	policy     *clientPolicy
 	poolPrefix string       // the hub settings, which are part of every pool key
 	clients    atomic.Int64 // connected clients of this handler
+	hubs       atomic.Int64 // hubs this handler opened and that are not destroyed yet (max_streams)
 }
 
 // clientPolicy is what a fan-out client needs of its handler's
@@ -173,6 +185,9 @@ func (f *Fanout) provision() {
 	if f.ClientQueue == 0 {
 		f.ClientQueue = defaultClientQueue
 	}
+	if f.MaxStreams == 0 {
+		f.MaxStreams = defaultMaxStreams
+	}
 }
 
 // fanoutKey is the stream key of a request (see Fanout.Key).
@@ -204,6 +219,10 @@ func (h *Handler) hubConfig() hubConfig {
 // errTooManyClients answers a client past a max_clients limit.
 var errTooManyClients = errors.New("sse: too many clients for this stream")
 
+// errTooManyStreams answers a client whose key would open a hub past
+// max_streams.
+var errTooManyStreams = errors.New("sse: too many fan-out streams")
+
 // serveFanout serves one client from the hub of its key.
 func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	f, run := h.Fanout, h.fan
@@ -224,8 +243,17 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	cfg := h.hubConfig()
 	poolKey := run.poolPrefix + key
 	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
-		return newHub(poolKey, h.hashKey(key), cfg, h.logger), nil
+		if n := run.hubs.Add(1); n > int64(f.MaxStreams) {
+			run.hubs.Add(-1)
+			return nil, errTooManyStreams
+		}
+		hb := newHub(poolKey, h.hashKey(key), cfg, h.logger)
+		hb.count = &run.hubs
+		return hb, nil
 	})
+	if errors.Is(err, errTooManyStreams) {
+		return h.refuse(w, r, "max_streams")
+	}
 	if err != nil {
 		return err
 	}
@@ -248,6 +276,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		c.leave()
 		return h.servePassthrough(w, r, next)
 	}
+	hb.served.Store(true) // from now on, linger keeps it for reconnects
 	lastID := r.Header.Get("Last-Event-ID")
 	cursor, behind, reset, found := hb.position(lastID, f.ReplayOnConnect, joinedAt)
 	switch {
@@ -327,8 +356,12 @@ func (h *Handler) refuseWith(w http.ResponseWriter, r *http.Request, cause error
 
 // release drops a client's reference to the hub after linger, so that
 // the hub, its upstream and its cache outlive a reconnect or a reload.
+// A hub that never streamed to a client has nothing to keep (no cache a
+// reconnect would resume from; maybe a backend that does not stream) and
+// goes at once: many requests with distinct keys that leave before their
+// upstream answers must not hold as many upstream connections for linger.
 func (p *clientPolicy) release(hb *hub) {
-	if p.linger <= 0 {
+	if p.linger <= 0 || !hb.served.Load() {
 		hubs.Delete(hb.poolKey)
 		return
 	}

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/seed-b7710c89/caddy-sse/internal/sse"
@@ -60,6 +61,9 @@ type hub struct {
 	zc         [numCodings]sharedCompressor // one per encoding clients use (compress.go)
 	dlOnce     sync.Once
 	dl         []*deliverer // delivery loops of detached clients (detach.go)
+
+	served atomic.Bool   // a client got its stream: only then does linger keep the hub (fanout.go)
+	count  *atomic.Int64 // the max_streams count of the handler that opened it, given back at Destruct
 }
 
 func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger) *hub {
@@ -99,6 +103,9 @@ func (hb *hub) Destruct() error {
 	hb.idleShared()
 	hb.broadcastLocked()
 	hb.mu.Unlock()
+	if hb.count != nil {
+		hb.count.Add(-1) // before the upstream is closed, which a test may wait for
+	}
 	up.stop()
 	old.stop()
 	return nil
