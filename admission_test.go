@@ -1,10 +1,15 @@
 package caddysse
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -210,4 +215,90 @@ func TestFanoutMaxStreamsRefusesTheNextStream(t *testing.T) {
 	e.waitJoined(t, 1)
 	e.emit("data: two\n\n")
 	waitEvents(t, c, 1)
+}
+
+// readAllRaw reads conn until the server closes it (or within d).
+func readAllRaw(t *testing.T, conn net.Conn, d time.Duration) []byte {
+	t.Helper()
+	_ = conn.SetReadDeadline(time.Now().Add(d))
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("reading the raw stream: %v (got %d bytes)", err, len(got))
+	}
+	return got
+}
+
+// splitChunked checks that raw is a chunked HTTP/1.1 response that closes
+// its connection, and returns its body as the chunks carry it and whether
+// the body ended with the last chunk.
+func splitChunked(t *testing.T, raw []byte) (body []byte, ended bool) {
+	t.Helper()
+	head, rest, ok := bytes.Cut(raw, []byte("\r\n\r\n"))
+	if !ok {
+		t.Fatalf("no response header in %.200q", raw)
+	}
+	h := strings.ToLower(string(head))
+	if !strings.Contains(h, "\r\ntransfer-encoding: chunked") || !strings.Contains(h, "\r\nconnection: close") {
+		t.Fatalf("handed-over response not chunked with Connection: close: %q", head)
+	}
+	body, err := io.ReadAll(httputil.NewChunkedReader(bytes.NewReader(rest)))
+	switch {
+	case err == nil:
+		if !bytes.HasSuffix(rest, []byte("\r\n0\r\n\r\n")) {
+			t.Fatalf("chunked body ends with %q", rest[max(len(rest)-20, 0):])
+		}
+		return body, true
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return body, false
+	default:
+		t.Fatalf("bad chunked body: %v", err)
+		return nil, false
+	}
+}
+
+// A handed-over HTTP/1.1 stream stays chunked, so that a cut looks like a
+// cut: a clean end (here max_age) writes the last chunk, a client cut off
+// (here for not reading) gets none.
+func TestFanoutHandedOverStreamIsChunked(t *testing.T) {
+	checkNoLeak(t)
+	t.Run("clean end", func(t *testing.T) {
+		e := newEmitter(t)
+		base := startCaddy(t, fanoutRoute(e, map[string]any{"max_age": "1s", "retry": "250ms"}))
+		conn := dialRaw(t, base, "", 0)
+		e.waitJoined(t, 1)
+		for deadline := time.Now().Add(5 * time.Second); detachedClients(base) != 1; {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d handed-over clients, want 1", detachedClients(base))
+			}
+			time.Sleep(10 * time.Millisecond) // polling a condition with a deadline
+		}
+		e.emit("data: one\n\n")
+		e.emit("data: two\n\n")
+		body, ended := splitChunked(t, readAllRaw(t, conn, 5*time.Second))
+		evs, _, _ := parseEvents(body)
+		if !ended || datas(evs) != "one,two" || !bytes.HasSuffix(body, []byte("retry: 250\n\n")) {
+			t.Fatalf("clean end: last chunk %v, body %q", ended, body)
+		}
+	})
+	t.Run("cut", func(t *testing.T) {
+		e := newEmitter(t)
+		base := startCaddy(t, fanoutRoute(e, map[string]any{"write_timeout": "1s"}))
+		fast := openStream(t, base+"/events", false)
+		e.waitJoined(t, 1)
+		// Default buffers, so that once cut, what it was sent arrives at
+		// once (a tiny window makes the kernel's window probes crawl).
+		stalled := dialRaw(t, base, "", 0)
+		waitHubClients(t, base, 2)
+		payload := strings.Repeat("x", 512<<10)
+		const n = 40 // 20 MB: more than the socket buffers hold
+		for i := range n {
+			e.emit(fmt.Sprintf("data: %d %s\n\n", i, payload))
+		}
+		waitCount(t, fast, n, 10*time.Second)
+		waitHubClients(t, base, 1) // the stalled one was cut
+		body, ended := splitChunked(t, readAllRaw(t, stalled, 10*time.Second))
+		if ended {
+			t.Fatalf("a client cut off got the last chunk, as if its stream had ended (%d bytes of body)", len(body))
+		}
+	})
 }

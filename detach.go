@@ -26,9 +26,11 @@ import (
 // A write the socket cannot take at once is finished by a goroutine of its
 // own (wireConn.drain), so that one slow reader never holds up the loop.
 //
-// The response is delimited by the end of the connection, not chunked
-// ("Transfer-Encoding: identity" tells net/http so), as the SSE spec
-// suggests: there is then no framing to write around each event.
+// The response stays chunked, one chunk per write, and only a clean end
+// writes the last chunk: were it delimited by the end of the connection,
+// a connection cut midway would look like a clean end, and clients that
+// take a clean end as "done" (fetch-event-source) would never reconnect.
+// "Connection: close" tells the client the connection ends with the stream.
 //
 // HTTP/2 and HTTP/3 streams, TLS connections and HTTP/1.0 stay on their
 // request goroutine (run).
@@ -46,15 +48,15 @@ func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int
 	if !ok {
 		return false
 	}
-	w.Header().Set("Transfer-Encoding", "identity")
-	w.WriteHeader(status)
+	w.Header().Set("Connection", "close")
+	w.WriteHeader(status) // chunked: net/http frames the body of an HTTP/1.1 response of unknown length
 	c.headerSent = true
 	if err := http.NewResponseController(w).Flush(); err != nil {
 		return true // the client is gone; nothing more to do
 	}
 	conn, brw, err := hj.Hijack()
 	if err != nil {
-		// The header is out, unchunked: the stream goes on from here.
+		// The header is out: the stream goes on from here, chunked by net/http.
 		c.pol.logger.Debug("could not take over a fan-out connection; serving it on its request", zap.Error(err))
 		return false
 	}
@@ -62,6 +64,7 @@ func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int
 	// Deadlines net/http or Caddy set for the request no longer apply.
 	_ = conn.SetDeadline(time.Time{})
 	c.wc = newWireConn(conn, c.pol.writeTimeout, c.poke)
+	c.wc.chunked = true // the header said so (net/http chose it, and wrote the header)
 	c.out = clientConn{w: wireCounter{ResponseWriter: c.wc, n: &c.wire}, rc: http.NewResponseController(c.wc)}
 	if err := c.start(first); err != nil || c.wc.failed() != nil {
 		c.wc.abort()
