@@ -30,7 +30,11 @@ import (
 // writes the last chunk: were it delimited by the end of the connection,
 // a connection cut midway would look like a clean end, and clients that
 // take a clean end as "done" (fetch-event-source) would never reconnect.
-// "Connection: close" tells the client the connection ends with the stream.
+// Nor does it say "Connection: close": Node's HTTP client (undici, under
+// fetch-event-source) takes the end of such a connection as the end of
+// the response, chunked or not. The connection is closed after the
+// stream all the same; a client that would reuse it finds it closed, as
+// after any keep-alive timeout.
 //
 // HTTP/2 and HTTP/3 streams, TLS connections and HTTP/1.0 stay on their
 // request goroutine (run).
@@ -48,7 +52,6 @@ func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int
 	if !ok {
 		return false
 	}
-	w.Header().Set("Connection", "close")
 	w.WriteHeader(status) // chunked: net/http frames the body of an HTTP/1.1 response of unknown length
 	c.headerSent = true
 	if err := http.NewResponseController(w).Flush(); err != nil {
