@@ -32,17 +32,15 @@ func (oc observedCaddy) streamsNow(t testing.TB) (list []streamStatus, raw []byt
 // waitStreams polls GET /sse/streams until cond holds for the list.
 func (oc observedCaddy) waitStreams(t testing.TB, what string, cond func([]streamStatus) bool) ([]streamStatus, []byte) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		list, raw := oc.streamsNow(t)
-		if cond(list) {
-			return list, raw
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("/sse/streams: no %s within 5s; last: %s", what, raw)
-		}
-		time.Sleep(20 * time.Millisecond) // polling a condition with a deadline
+	var list []streamStatus
+	var raw []byte
+	if !eventually(5*time.Second, func() bool {
+		list, raw = oc.streamsNow(t)
+		return cond(list)
+	}) {
+		t.Fatalf("/sse/streams: no %s within 5s; last: %s", what, raw)
 	}
+	return list, raw
 }
 
 func byPath(list []streamStatus, path string) []streamStatus {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -178,7 +177,7 @@ func TestValidateNamesTheField(t *testing.T) {
 
 // deadlineRecorder records the write deadline a stream sets on it.
 type deadlineRecorder struct {
-	nullResponse
+	fakeWriter
 	deadline time.Time
 }
 
@@ -211,7 +210,7 @@ func TestWriteTimeoutOff(t *testing.T) {
 		if err := h.Provision(benchContext()); err != nil {
 			t.Fatal(err)
 		}
-		rec := &deadlineRecorder{nullResponse: nullResponse{h: http.Header{}}}
+		rec := &deadlineRecorder{}
 		c := newClientConn(rec, time.Duration(h.WriteTimeout))
 		now := time.Now()
 		if err := c.write(now, []byte("data: x\n\n")); err != nil {

@@ -249,20 +249,6 @@ func BenchmarkCompressionRatio(b *testing.B) {
 	}
 }
 
-// countingResponseWriter is a ResponseWriter that counts what it is given.
-type countingResponseWriter struct {
-	header http.Header
-	n      int
-}
-
-func (w *countingResponseWriter) Header() http.Header { return w.header }
-
-func (w *countingResponseWriter) WriteHeader(int) {}
-
-func (w *countingResponseWriter) Write(p []byte) (int, error) { w.n += len(p); return len(p), nil }
-
-func (w *countingResponseWriter) Flush() {}
-
 // BenchmarkEventCPU is the CPU the plugin spends per event on the client
 // side of a stream (write and flush of one ~190 B event, no socket), with
 // compression off and on, and what Caddy's encode encoders spend for the
@@ -272,7 +258,7 @@ func BenchmarkEventCPU(b *testing.B) {
 	events := realisticEvents(1000)
 	for _, name := range []string{"identity", "gzip", "zstd", "encode-gzip", "encode-zstd"} {
 		b.Run(name, func(b *testing.B) {
-			w := &countingResponseWriter{header: http.Header{}}
+			w := &fakeWriter{}
 			c := newClientConn(w, 0)
 			switch name {
 			case "gzip", "zstd":

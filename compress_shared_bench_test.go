@@ -2,6 +2,7 @@ package caddysse
 
 import (
 	"cmp"
+	"context"
 	"fmt"
 	"net/http"
 	"testing"
@@ -29,11 +30,11 @@ func newBenchHub(tb testing.TB, n int, enc string, perClient bool) *benchHub {
 		tb.Fatal(err)
 	}
 	h.logger = zap.NewNop()
-	hb := newHub("bench", "bench", hubConfig{limits: replayLimits{events: 1000}, ids: "auto", maxEventSize: 1 << 20}, h.logger)
-	bh := &benchHub{hb: hb, w: &hubWriter{hub: hb, header: http.Header{"Content-Type": {"text/event-stream"}}}}
+	hb := newHub("bench", "bench", hubConfig{limits: replayLimits{events: 1000}, ids: "auto", maxEventSize: 1 << 20}, h.logger, newMemoryStream(HistoryLimits{Events: 1000}))
+	bh := &benchHub{hb: hb, w: &hubWriter{hub: hb, ctx: context.Background(), lease: Lease{Token: memoryLease}, header: http.Header{"Content-Type": {"text/event-stream"}}}}
 	for range n {
 		c := &fanoutClient{hub: hb, pol: unboundedPolicy(h), encoding: mustCoding(cmp.Or(enc, "identity"))}
-		c.out = newClientConn(wireCounter{ResponseWriter: &nullResponse{h: http.Header{}}, n: &c.wire}, 0)
+		c.out = newClientConn(wireCounter{ResponseWriter: &fakeWriter{}, n: &c.wire}, 0)
 		switch {
 		case enc == "":
 		case perClient:
@@ -62,7 +63,7 @@ func (bh *benchHub) publish(tb testing.TB, ev []byte) {
 func (bh *benchHub) deliver(tb testing.TB, c *fanoutClient) {
 	hb := bh.hb
 	hb.mu.Lock()
-	bh.batch, _ = hb.buf.after(bh.batch[:0], c.cursor, maxBatch)
+	bh.batch, _ = hb.win.after(bh.batch[:0], c.cursor, maxBatch)
 	if c.z != nil {
 		hb.noteWaitingLocked(c.z, bh.batch)
 	}

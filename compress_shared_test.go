@@ -3,7 +3,6 @@ package caddysse
 import (
 	"bytes"
 	"fmt"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -11,7 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// Shared compression at fan-out (compress.go): each event is compressed
+// Shared compression at fan-out (compress_shared.go): each event is compressed
 // once per encoding, and clients that joined at any point decode exactly
 // what an uncompressed client of the same join point gets.
 
@@ -33,7 +32,7 @@ func theHub(t testing.TB) *hub {
 func (hb *hub) cached() []*event {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
-	evs, _ := hb.buf.after(nil, 0, 0)
+	evs, _ := hb.win.after(nil, 0, 0)
 	return evs
 }
 
@@ -275,7 +274,7 @@ func TestSharedWriterFraming(t *testing.T) {
 			}
 			var wire bytes.Buffer
 			c := &fanoutClient{hub: bh.hb, pol: unboundedPolicy(h), encoding: mustCoding(enc)}
-			c.out = newClientConn(&recordingWriter{header: http.Header{}, buf: &wire}, 0)
+			c.out = newClientConn(&fakeWriter{buf: &wire}, 0)
 			c.z = bh.hb.attachShared(mustCoding(enc))
 			bh.clients = append(bh.clients, c)
 			prelude := h.preludeFor(mustCoding(enc))
@@ -361,7 +360,7 @@ func churnRatio(tb testing.TB, enc string, events [][]byte, joinEvery int) (all,
 		if joinEvery > 0 && i%joinEvery == 0 && i > 0 {
 			for _, bh := range []*benchHub{shared, own} {
 				c := &fanoutClient{hub: bh.hb, pol: bh.clients[0].pol, cursor: bh.hb.seq, encoding: mustCoding(enc)}
-				c.out = newClientConn(wireCounter{ResponseWriter: &nullResponse{h: http.Header{}}, n: &c.wire}, 0)
+				c.out = newClientConn(wireCounter{ResponseWriter: &fakeWriter{}, n: &c.wire}, 0)
 				if bh == own {
 					if err := c.out.compress(mustCoding(enc)); err != nil {
 						tb.Fatal(err)

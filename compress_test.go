@@ -263,12 +263,8 @@ func wantPrelude(t testing.TB, enc string, padding int, retry time.Duration) str
 // waitNoLiveEncoders fails the test unless every encoder is released soon.
 func waitNoLiveEncoders(t testing.TB) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for liveEncoders.Load() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d encoders not released", liveEncoders.Load())
-		}
-		time.Sleep(10 * time.Millisecond) // polling a condition with a deadline
+	if !eventually(5*time.Second, func() bool { return liveEncoders.Load() == 0 }) {
+		t.Fatalf("%d encoders not released", liveEncoders.Load())
 	}
 }
 
@@ -653,34 +649,13 @@ func TestCompressedClientThatStopsReadingIsDropped(t *testing.T) {
 	}
 }
 
-// failingWriter is a ResponseWriter whose writes fail after limit bytes.
-type failingWriter struct {
-	header  http.Header
-	n       int
-	limit   int
-	flushes int
-}
-
-var errWriteFailed = errors.New("write failed")
-
-func (w *failingWriter) Header() http.Header { return w.header }
-func (w *failingWriter) WriteHeader(int)     {}
-func (w *failingWriter) Write(p []byte) (int, error) {
-	if w.n+len(p) > w.limit {
-		return 0, errWriteFailed
-	}
-	w.n += len(p)
-	return len(p), nil
-}
-func (w *failingWriter) Flush() { w.flushes++ }
-
 // An encoder whose output cannot be written reports it on every later
 // call, and is released without writing a trailer.
 func TestEncoderErrorEndsTheConnection(t *testing.T) {
 	for _, enc := range []string{"gzip", "zstd"} {
 		t.Run(enc, func(t *testing.T) {
 			before := liveEncoders.Load()
-			w := &failingWriter{header: http.Header{}, limit: 100}
+			w := &fakeWriter{limit: 100}
 			c := newClientConn(w, time.Second)
 			if err := c.compress(mustCoding(enc)); err != nil {
 				t.Fatal(err)
@@ -716,7 +691,7 @@ func TestClientConnBacklogOneSyncFlush(t *testing.T) {
 	for _, enc := range []string{"gzip", "zstd"} {
 		t.Run(enc, func(t *testing.T) {
 			var wire bytes.Buffer
-			w := &recordingWriter{header: http.Header{}, buf: &wire}
+			w := &fakeWriter{buf: &wire}
 			c := newClientConn(w, 0)
 			if err := c.compress(mustCoding(enc)); err != nil {
 				t.Fatal(err)
@@ -746,17 +721,6 @@ func TestClientConnBacklogOneSyncFlush(t *testing.T) {
 		})
 	}
 }
-
-type recordingWriter struct {
-	header  http.Header
-	buf     *bytes.Buffer
-	flushes int
-}
-
-func (w *recordingWriter) Header() http.Header         { return w.header }
-func (w *recordingWriter) WriteHeader(int)             {}
-func (w *recordingWriter) Write(p []byte) (int, error) { return w.buf.Write(p) }
-func (w *recordingWriter) Flush()                      { w.flushes++ }
 
 // decodePrefix decodes a stream that is not finished, up to the last
 // flush, and returns it once it has len(want) bytes (or the decoder fails):

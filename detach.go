@@ -168,12 +168,7 @@ func (c *fanoutClient) serveDetached(batch []*event) (done bool, _ []*event) {
 		if ended {
 			return true, batch
 		}
-		c.hub.mu.Lock()
-		lag := c.hub.seq - c.cursor
-		batch, ok := c.hub.buf.after(batch[:0], c.cursor, 1)
-		c.hub.mu.Unlock()
-		clear(batch)
-		if !ok {
+		if lag, out := c.hub.fellOut(c.cursor); out {
 			c.cutBehind(lag, true)
 			return true, batch
 		}
@@ -281,9 +276,7 @@ func (d *deliverer) run() {
 	for {
 		// Taken before the turns: whatever is published during them wakes
 		// the next round.
-		hb.mu.Lock()
-		wake := hb.wake
-		hb.mu.Unlock()
+		wake := hb.wakeChan()
 		d.mu.Lock()
 		d.turn = append(d.turn[:0], d.clients...)
 		d.mu.Unlock()

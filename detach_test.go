@@ -116,11 +116,8 @@ func TestFanoutDetachedSlowReaderGetsEverythingInOrder(t *testing.T) {
 		e.emit(fmt.Sprintf("data: %d %s\n\n", i, payload))
 	}
 	waitEvents(t, fast, n)
-	for deadline := time.Now().Add(5 * time.Second); drainingClients(base) != 1; {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d clients waiting on a drain, want the one that does not read", drainingClients(base))
-		}
-		time.Sleep(10 * time.Millisecond) // polling a condition with a deadline
+	if !eventually(5*time.Second, func() bool { return drainingClients(base) == 1 }) {
+		t.Fatalf("%d clients waiting on a drain, want the one that does not read", drainingClients(base))
 	}
 	resp, err := http.ReadResponse(bufio.NewReader(slow), nil)
 	if err != nil {

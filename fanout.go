@@ -1,7 +1,9 @@
 package caddysse
 
 import (
+	"encoding/json"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -115,12 +117,20 @@ type Fanout struct {
 	// upstream request. A response that is not a stream still passes
 	// through. Default: false.
 	AnyAccept bool `json:"any_accept,omitempty"`
+
+	// BrokerRaw is where the stream's shared history lives (events, ids,
+	// and which node runs the upstream): a module of the
+	// http.handlers.sse.brokers namespace, chosen by its "name". Default:
+	// memory, this node's memory. Handlers share a hub only when they name
+	// the same broker configuration.
+	BrokerRaw json.RawMessage `json:"broker,omitempty" caddy:"namespace=http.handlers.sse.brokers inline_key=name"`
 }
 
 // fanoutRuntime is a handler's fan-out state at run time, kept out of the
 // JSON config. A hub knows the handlers that can run its upstream by it
 // (hub.sources), never by the Handler itself.
 type fanoutRuntime struct {
+	broker     Broker
 	policy     *clientPolicy
 	poolPrefix string       // the hub settings, which are part of every pool key
 	clients    atomic.Int64 // connected clients of this handler
@@ -247,7 +257,13 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 			run.hubs.Add(-1)
 			return nil, errTooManyStreams
 		}
-		hb := newHub(poolKey, h.hashKey(key), cfg, h.logger)
+		limits := HistoryLimits{Events: cfg.limits.events, Bytes: cfg.limits.bytes, Age: cfg.limits.age}
+		stream, err := run.broker.Stream(r.Context(), poolKey, limits)
+		if err != nil {
+			run.hubs.Add(-1)
+			return nil, fmt.Errorf("fanout: broker: %w", err)
+		}
+		hb := newHub(poolKey, h.hashKey(key), cfg, h.logger, stream)
 		hb.count = &run.hubs
 		return hb, nil
 	})
@@ -278,7 +294,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	}
 	hb.served.Store(true) // from now on, linger keeps it for reconnects
 	lastID := r.Header.Get("Last-Event-ID")
-	cursor, behind, reset, found := hb.position(lastID, f.ReplayOnConnect, joinedAt)
+	cursor, behind, reset, found := hb.position(r.Context(), lastID, f.ReplayOnConnect, joinedAt)
 	switch {
 	case found:
 		h.metrics.replayServed(int(behind))
@@ -302,7 +318,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		return h.refuseWith(w, r, errStreamEnded) // shutting down
 	}
 	// A compressed client writes what the hub's shared compressor encoded
-	// once for all clients (compress.go); it holds no compressor itself.
+	// once for all clients (compress_shared.go); it holds no compressor itself.
 	c.z = hb.attachShared(encoding)
 	first := h.preludeFor(encoding)
 	if reset {

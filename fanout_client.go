@@ -112,9 +112,7 @@ func (c *fanoutClient) writeFailed(err error) error {
 // start writes the client's first bytes and takes the hub's heartbeat
 // count, so that only heartbeats due from now on are written.
 func (c *fanoutClient) start(first []byte) error {
-	c.hub.mu.Lock()
-	c.beats = c.hub.beats
-	c.hub.mu.Unlock()
+	c.beats = c.hub.heartbeats()
 	if err := c.writeOwn(time.Now(), first); err != nil {
 		return c.writeFailed(err)
 	}
@@ -178,7 +176,7 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 	for {
 		hb.mu.Lock()
 		var ok bool
-		batch, ok = hb.buf.after(batch[:0], c.cursor, maxBatch)
+		batch, ok = hb.win.after(batch[:0], c.cursor, maxBatch)
 		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil)
 		wake = hb.wake
 		if c.z != nil {

@@ -381,21 +381,17 @@ func eventsHub(base string) *hub {
 // waitHubClients waits until the hub of base's /events has n clients.
 func waitHubClients(t testing.TB, base string, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		clients := -1
+	clients := -1
+	if !eventually(10*time.Second, func() bool {
+		clients = -1
 		if hb := eventsHub(base); hb != nil {
 			hb.mu.Lock()
 			clients = hb.clients
 			hb.mu.Unlock()
 		}
-		if clients == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("hub has %d clients, want %d", clients, n)
-		}
-		time.Sleep(20 * time.Millisecond) // polling a condition with a deadline
+		return clients == n
+	}) {
+		t.Fatalf("hub has %d clients, want %d", clients, n)
 	}
 }
 
@@ -413,12 +409,8 @@ func TestFanoutLingerKeepsThenClosesUpstream(t *testing.T) {
 		t.Fatalf("reconnect within linger opened a new upstream (%d requests)", n)
 	}
 	c2.close()
-	deadline := time.Now().Add(5 * time.Second)
-	for e.connected() > 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("upstream still open 5s after the last client left (linger 1s)")
-		}
-		time.Sleep(20 * time.Millisecond) // polling a condition with a deadline
+	if !eventually(5*time.Second, func() bool { return e.connected() == 0 }) {
+		t.Fatal("upstream still open 5s after the last client left (linger 1s)")
 	}
 }
 
@@ -467,22 +459,17 @@ func TestFanoutReloadLosesNothing(t *testing.T) {
 // pool, so that tests after this one start from an empty pool.
 func waitHubsGone(t testing.TB, addr string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		left := 0
+	left := 0
+	if !eventually(10*time.Second, func() bool {
+		left = 0
 		hubs.Range(func(k, _ any) bool {
 			if strings.Contains(k.(string), addr+"/") {
 				left++
 			}
 			return true
 		})
-		if left == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("%d hubs of %s still in the pool", left, addr)
-			return
-		}
-		time.Sleep(20 * time.Millisecond) // polling a condition with a deadline
+		return left == 0
+	}) {
+		t.Errorf("%d hubs of %s still in the pool", left, addr)
 	}
 }

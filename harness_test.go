@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -375,17 +376,13 @@ func sseGoroutines() (int, string) {
 // running this package's code (handlers, timers, hubs).
 func checkNoLeak(t testing.TB) {
 	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			n, stacks := sseGoroutines()
-			if n == 0 {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("%d goroutines of the plugin still running:\n%s", n, stacks)
-				return
-			}
-			time.Sleep(20 * time.Millisecond) // polling a condition with a deadline
+		var n int
+		var stacks string
+		if !eventually(5*time.Second, func() bool {
+			n, stacks = sseGoroutines()
+			return n == 0
+		}) {
+			t.Errorf("%d goroutines of the plugin still running:\n%s", n, stacks)
 		}
 	})
 }
@@ -524,3 +521,52 @@ func mustCoding(name string) coding {
 func unboundedPolicy(h *Handler) *clientPolicy {
 	return h.newClientPolicy(nil)
 }
+
+// eventually polls cond until it holds or within has passed, and reports
+// whether it held; the caller fails with what it waited for. The one poll
+// loop of the tests: a condition with a deadline, never a bare sleep.
+func eventually(within time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition with a deadline
+	}
+	return true
+}
+
+// fakeWriter is the tests' one stand-in for a client's ResponseWriter: it
+// counts what it is given (n bytes, flushes), keeps the bytes in buf when
+// set, and fails the write that would pass limit bytes when limit is set.
+type fakeWriter struct {
+	header  http.Header
+	buf     *bytes.Buffer
+	n       int
+	limit   int
+	flushes int
+}
+
+var errWriteFailed = errors.New("write failed")
+
+func (w *fakeWriter) Header() http.Header {
+	if w.header == nil {
+		w.header = http.Header{}
+	}
+	return w.header
+}
+
+func (w *fakeWriter) WriteHeader(int) {}
+
+func (w *fakeWriter) Write(p []byte) (int, error) {
+	if w.limit > 0 && w.n+len(p) > w.limit {
+		return 0, errWriteFailed
+	}
+	w.n += len(p)
+	if w.buf != nil {
+		w.buf.Write(p)
+	}
+	return len(p), nil
+}
+
+func (w *fakeWriter) Flush() { w.flushes++ }

@@ -3,6 +3,7 @@ package caddysse
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -23,9 +24,24 @@ import (
 // reconnect to the new one and resume with nothing lost.
 var hubs = caddy.NewUsagePool()
 
-// hub is one shared upstream stream and its replay cache. Clients are
-// cursors into the cache: an event is stored once and its bytes are
-// written to every client from there.
+// hub is one shared upstream stream on this node. Its history is its
+// broker's (broker.go); the hub keeps a window of the recent events with
+// what its shared compressors made of them, and its clients are cursors
+// into that window: an event is stored once and its bytes are written to
+// every client from there.
+//
+// Locks, in the order they are taken: pubMu (one publisher at a time,
+// held across broker calls), then mu (the hub's state; never held across
+// a broker call or a client write), then a deliverer's mu (detach.go).
+// Outside hub.go only the hub's own methods in compress_shared.go and the
+// client's step (fanout_client.go) take mu; the rest use the accessors.
+//
+// Goroutines of a hub: the upstream loop (runUpstream, one per upstream
+// connection, ended by its cancel or by Destruct), the heartbeat timer's
+// callback, and the delivery loops (deliverer.run, one per processor at
+// most, each ending when it has no client left) with one peer watcher per
+// handed-over client (watchPeer, ending when the connection closes).
+// Clients on their own request goroutine run fanoutClient.run.
 type hub struct {
 	poolKey string
 	keyHash string // for logs and the admin API: keys can hold credentials
@@ -34,9 +50,12 @@ type hub struct {
 	logger  *zap.Logger
 	created time.Time
 
+	stream BrokerStream // the shared history (broker.go)
+	pubMu  sync.Mutex   // one publish at a time: taken before mu, held across broker calls
+
 	mu         sync.Mutex
-	buf        replayBuffer
-	seq        uint64        // last published event
+	win        *memoryReplay // this node's window of the stream (window.go)
+	seq        uint64        // last event in the window
 	wake       chan struct{} // closed and replaced when seq or beats change, or the hub ends
 	beats      uint64        // heartbeats due to idle clients
 	lastPub    time.Time
@@ -55,10 +74,11 @@ type hub struct {
 	lastBackID string   // the last id the backend sent
 	retry      time.Duration
 	reconnects int
-	epoch      string // prefix of synthesized ids, new at every discontinuity
+	epoch      string // the broker epoch of the window's events
+	epochSeq   uint64 // the window seq of offset 0 of that epoch
 	heartbeat  *time.Timer
 	destroyed  bool
-	zc         [numCodings]sharedCompressor // one per encoding clients use (compress.go)
+	zc         [numCodings]sharedCompressor // one per coding clients use (compress_shared.go)
 	dlOnce     sync.Once
 	dl         []*deliverer // delivery loops of detached clients (detach.go)
 
@@ -66,16 +86,16 @@ type hub struct {
 	count  *atomic.Int64 // the max_streams count of the handler that opened it, given back at Destruct
 }
 
-func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger) *hub {
+func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger, stream BrokerStream) *hub {
 	hb := &hub{
 		poolKey: poolKey,
 		keyHash: keyHash,
 		cfg:     cfg,
 		created: time.Now(),
-		buf:     newMemoryReplay(cfg.limits),
+		stream:  stream,
+		win:     newWindow(cfg.limits),
 		wake:    make(chan struct{}),
 		sources: make(map[*fanoutRuntime]*source),
-		epoch:   newEpoch(),
 	}
 	hb.logger = logger.With(zap.String("stream", hb.keyHash))
 	for i := range hb.zc {
@@ -108,7 +128,40 @@ func (hb *hub) Destruct() error {
 	}
 	up.stop()
 	old.stop()
-	return nil
+	return hb.stream.Close()
+}
+
+// fellOut reports how many events the window holds after cursor, and
+// whether the one right after it has left the window: a client there can
+// no longer be served without a gap (fanoutClient.step).
+func (hb *hub) fellOut(cursor uint64) (lag uint64, out bool) {
+	var next [1]*event
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	_, ok := hb.win.after(next[:0], cursor, 1)
+	return hb.seq - cursor, !ok
+}
+
+// wakeChan is the channel closed at the next change (event, heartbeat,
+// end).
+func (hb *hub) wakeChan() <-chan struct{} {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	return hb.wake
+}
+
+// heartbeats is the count of heartbeats the hub has asked for.
+func (hb *hub) heartbeats() uint64 {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	return hb.beats
+}
+
+// liveClients reports the hub's clients, and whether it is still live.
+func (hb *hub) liveClients() (int, bool) {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	return hb.clients, !hb.destroyed
 }
 
 func (hb *hub) broadcastLocked() {
@@ -174,20 +227,39 @@ func (hb *hub) waitStream(ctx context.Context) (http.Header, int, bool) {
 }
 
 // position is where a new client starts reading: after its Last-Event-ID
-// if the cache has it, otherwise where it joined (reset is true when an id
-// was asked for and not found), minus replayOnConnect for a client that
-// asked for none. Taken under the hub's lock, so nothing is missed or sent
-// twice between the replay and the live stream.
-func (hb *hub) position(lastID string, replayOnConnect int, joinedAt uint64) (cursor, behind uint64, reset, found bool) {
+// if the window has it, otherwise where it joined (reset is true when an
+// id was asked for and not found), minus replayOnConnect for a client that
+// asked for none. The id is looked up first (a synthesized id names its
+// position; another asks the broker); the cursor is then taken under the
+// hub's lock, so nothing is missed or sent twice between the replay and
+// the live stream.
+func (hb *hub) position(ctx context.Context, lastID string, replayOnConnect int, joinedAt uint64) (cursor, behind uint64, reset, found bool) {
+	var pos Position
+	var known bool
+	if lastID != "" {
+		hb.mu.Lock()
+		epoch := hb.epoch
+		hb.mu.Unlock()
+		pos, known = ParseSynthesizedID(lastID)
+		if !known || pos.Epoch != epoch {
+			var err error
+			pos, known, err = hb.stream.Find(ctx, lastID)
+			if err != nil {
+				hb.logger.Warn("broker could not look up a Last-Event-ID; treating it as unknown", zap.Error(err))
+			}
+		}
+	}
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
 	if lastID != "" {
-		if seq, ok := hb.buf.find(lastID); ok {
-			return seq, hb.seq - seq, false, true
+		if known && pos.Epoch == hb.epoch {
+			if seq := hb.epochSeq + pos.Offset; seq <= hb.seq && hb.win.held(seq) {
+				return seq, hb.seq - seq, false, true
+			}
 		}
 		return joinedAt, 0, true, false
 	}
-	held, _ := hb.buf.stats()
+	held, _ := hb.win.stats()
 	heldBefore := max(held-int(hb.seq-joinedAt), 0)
 	back := uint64(min(replayOnConnect, heldBefore))
 	return joinedAt - back, back, false, false
@@ -248,14 +320,18 @@ func (hb *hub) beatLocked() {
 	hb.broadcastLocked()
 }
 
-// publish stores one complete event and wakes the clients.
-func (hb *hub) publish(gen uint64, raw []byte, info sse.Event) {
+// publish appends one complete event to the broker, then adds it to the
+// window and wakes the clients.
+func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte, info sse.Event) {
+	hb.pubMu.Lock()
+	defer hb.pubMu.Unlock()
 	hb.mu.Lock()
-	defer hb.mu.Unlock()
 	if gen != hb.liveGen {
+		hb.mu.Unlock()
 		return // a replaced upstream's late event
 	}
 	if hb.repeatsOverlap(raw, info) {
+		hb.mu.Unlock()
 		return
 	}
 	id := ""
@@ -269,18 +345,64 @@ func (hb *hub) publish(gen uint64, raw []byte, info sse.Event) {
 	if info.Retry() >= 0 {
 		hb.retry = time.Duration(min(info.Retry(), int64(maxBackoff/time.Millisecond))) * time.Millisecond
 	}
-	hb.seq++
+	synthesize := hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !info.HasID())
+	hb.mu.Unlock()
+
+	// The broker, outside the hub's lock.
 	var data []byte
-	if hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !info.HasID()) {
-		id = hb.epoch + "-" + strconv.FormatUint(hb.seq, 36)
+	var next Position
+	if synthesize {
+		var err error
+		if next, err = hb.stream.Next(ctx); err != nil {
+			hb.brokerFailed("next position", err)
+			return
+		}
+		id = SynthesizedID(next)
 		data = sse.WithID(raw, id)
 	} else {
 		data = append([]byte(nil), raw...)
 	}
 	now := time.Now()
-	hb.buf.add(&event{seq: hb.seq, id: id, data: data, at: now, z: hb.compressShared(data)})
-	hb.lastPub = now
+	pos, err := hb.stream.Append(ctx, lease, StoredEvent{ID: id, Data: data, At: now})
+	if err != nil {
+		hb.brokerFailed("append", err)
+		return
+	}
+	if synthesize && pos != next {
+		// Only the lease holder appends, so this is not expected; the id
+		// still names an event, just not this one's position.
+		hb.logger.Error("broker appended at another position than announced", zap.String("id", id))
+	}
+
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	hb.addLocked(pos, id, data, now)
+}
+
+// addLocked adds an event of the broker's history to the window and wakes
+// the clients. The hub's lock is held.
+func (hb *hub) addLocked(pos Position, id string, data []byte, at time.Time) {
+	if pos.Epoch != hb.epoch {
+		if hb.epoch != "" {
+			// The broker's history restarted: clients go on from the window,
+			// ids of the old epoch are no longer found.
+			hb.logger.Warn("broker history began a new epoch; ids from before it can no longer be resumed")
+		}
+		hb.epoch, hb.epochSeq = pos.Epoch, hb.seq-(pos.Offset-1)
+	}
+	hb.seq++
+	hb.win.add(&event{seq: hb.seq, id: id, data: data, at: at, z: hb.compressShared(data)})
+	hb.lastPub = at
 	hb.broadcastLocked()
+}
+
+// brokerFailed logs an event the broker did not take: clients do not get
+// it (it has no position), the stream goes on.
+func (hb *hub) brokerFailed(op string, err error) {
+	if errors.Is(err, context.Canceled) {
+		return // the upstream is being stopped
+	}
+	hb.logger.Error("broker failed; dropping the event", zap.String("op", op), zap.Error(err))
 }
 
 // repeatsOverlap handles the moment one upstream connection replaces
@@ -314,7 +436,7 @@ func (hb *hub) report(now time.Time) streamStatus {
 	handedOver := hb.handedOver() // takes the delivery loops' locks: never under hb.mu
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
-	events, bytes := hb.buf.stats()
+	events, bytes := hb.win.stats()
 	st := streamStatus{
 		Mode:          modeFanout.String(),
 		Key:           hb.keyHash,
@@ -327,7 +449,7 @@ func (hb *hub) report(now time.Time) streamStatus {
 		Reconnects:    hb.reconnects,
 		Events:        int64(hb.seq),
 	}
-	if ev, _ := hb.buf.after(nil, hb.seq-1, 1); len(ev) == 1 {
+	if ev, _ := hb.win.after(nil, hb.seq-1, 1); len(ev) == 1 {
 		st.LastEventID = formatID([]byte(ev[0].id))
 	}
 	switch {

@@ -186,12 +186,10 @@ func fanoutActive() (hubCount, clients int) {
 		return true
 	})
 	for _, hb := range list {
-		hb.mu.Lock()
-		if !hb.destroyed {
+		if n, live := hb.liveClients(); live {
 			hubCount++
-			clients += hb.clients
+			clients += n
 		}
-		hb.mu.Unlock()
 	}
 	return hubCount, clients
 }

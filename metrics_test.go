@@ -154,17 +154,15 @@ func metricValue(t testing.TB, text []byte, name string, labels ...string) (floa
 // waitMetric polls /metrics until the series satisfies cond.
 func (oc observedCaddy) waitMetric(t testing.TB, within time.Duration, cond func(float64) bool, what, name string, labels ...string) float64 {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		v, found := oc.metric(t, name, labels...)
-		if found && cond(v) {
-			return v
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s%v: want %s within %s; last value %v (found: %v)", name, labels, what, within, v, found)
-		}
-		time.Sleep(20 * time.Millisecond) // polling a condition with a deadline
+	var v float64
+	var found bool
+	if !eventually(within, func() bool {
+		v, found = oc.metric(t, name, labels...)
+		return found && cond(v)
+	}) {
+		t.Fatalf("%s%v: want %s within %s; last value %v (found: %v)", name, labels, what, within, v, found)
 	}
+	return v
 }
 
 func eq(want float64) (func(float64) bool, string) {
@@ -180,17 +178,14 @@ func (oc observedCaddy) waitMetricEq(t testing.TB, want float64, name string, la
 // waitLog polls the plugin's log file until it contains s, and returns it.
 func (oc observedCaddy) waitLog(t testing.TB, within time.Duration, s string) []byte {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		b, _ := os.ReadFile(oc.LogFile)
-		if bytes.Contains(b, []byte(s)) {
-			return b
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no %q in the plugin's logs within %s; logs:\n%s", s, within, b)
-		}
-		time.Sleep(20 * time.Millisecond) // polling a condition with a deadline
+	var b []byte
+	if !eventually(within, func() bool {
+		b, _ = os.ReadFile(oc.LogFile)
+		return bytes.Contains(b, []byte(s))
+	}) {
+		t.Fatalf("no %q in the plugin's logs within %s; logs:\n%s", s, within, b)
 	}
+	return b
 }
 
 // The pass-through metrics move as a stream starts, carries events and

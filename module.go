@@ -154,8 +154,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.Fanout.provision()
 		h.fan = new(fanoutRuntime)
 		h.fan.policy = h.newClientPolicy(&h.fan.clients)
-		// Handlers share a hub only when they agree on its settings.
-		h.fan.poolPrefix = fmt.Sprintf("%v\x00", h.hubConfig())
+		// Handlers share a hub only when they agree on its settings and
+		// its broker (LoadModule below forgets the raw config).
+		h.fan.poolPrefix = fmt.Sprintf("%v\x00%s\x00", h.hubConfig(), h.Fanout.BrokerRaw)
+		h.fan.broker = new(MemoryBroker)
+		if h.Fanout.BrokerRaw != nil {
+			mod, err := ctx.LoadModule(h.Fanout, "BrokerRaw")
+			if err != nil {
+				return fmt.Errorf("fanout: broker: %v", err)
+			}
+			h.fan.broker = mod.(Broker)
+		}
 	}
 	return nil
 }

@@ -22,15 +22,6 @@ func sampleEvent(i int) []byte {
 		i, i, i%500, time.Now().UnixNano())
 }
 
-// nullResponse is a ResponseWriter that throws bytes away and can flush,
-// to measure the plugin's own cost.
-type nullResponse struct{ h http.Header }
-
-func (d *nullResponse) Header() http.Header         { return d.h }
-func (d *nullResponse) Write(p []byte) (int, error) { return len(p), nil }
-func (d *nullResponse) WriteHeader(int)             {}
-func (d *nullResponse) Flush()                      {}
-
 func newBenchStream(b *testing.B) *stream {
 	h := &Handler{}
 	if err := h.Provision(benchContext()); err != nil {
@@ -38,7 +29,7 @@ func newBenchStream(b *testing.B) *stream {
 	}
 	h.logger = zap.NewNop()
 	return &stream{h: h, cancel: func(error) {}, logger: h.logger,
-		out: newClientConn(&nullResponse{h: http.Header{}}, time.Duration(h.WriteTimeout))}
+		out: newClientConn(&fakeWriter{}, time.Duration(h.WriteTimeout))}
 }
 
 // BenchmarkStreamWrite is the plugin's cost per event on the pass-through

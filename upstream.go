@@ -101,7 +101,23 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 	defer close(u.done)
 	backoff := time.Duration(0)
 	for {
-		streamed, notStream, err := hb.connect(ctx, src, u.gen)
+		// Only the lease holder runs the upstream (the memory broker always
+		// grants it). A node without the lease asks again later.
+		// TODO(cluster): meanwhile follow the broker (Notify, then Read
+		// into the window) and share the upstream's header through it.
+		lease, ok, err := hb.stream.Lead(ctx)
+		if err != nil || !ok {
+			if ctx.Err() != nil {
+				return
+			}
+			backoff = min(max(2*backoff, 500*time.Millisecond), maxBackoff)
+			hb.logger.Debug("not leading this stream; asking again later", zap.Duration("after", backoff), zap.Error(err))
+			if !sleepCtx(ctx, backoff) {
+				return
+			}
+			continue
+		}
+		streamed, notStream, err := hb.connect(ctx, src, u.gen, lease)
 		if ctx.Err() != nil {
 			return
 		}
@@ -136,19 +152,27 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 		hb.reconnects++
 		hb.mu.Unlock()
 		hb.logger.Info("backend stream ended; reconnecting", zap.Duration("after", backoff), zap.Error(err))
-		t := time.NewTimer(backoff)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, backoff) {
 			return
 		}
 	}
 }
 
+// sleepCtx waits d, or less if ctx ends first (then it returns false).
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
 // connect runs one upstream request through the handler's route.
-func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, notStream bool, err error) {
-	hw := &hubWriter{hub: hb, gen: gen, header: make(http.Header)}
+func (hb *hub) connect(ctx context.Context, src *source, gen uint64, lease Lease) (streamed, notStream bool, err error) {
+	hw := &hubWriter{hub: hb, ctx: ctx, gen: gen, lease: lease, header: make(http.Header)}
 	req := src.tmpl.Clone(ctx)
 	req.Header.Del("Accept-Encoding")
 	hb.mu.Lock()
@@ -176,7 +200,9 @@ func (hb *hub) connect(ctx context.Context, src *source, gen uint64) (streamed, 
 // splits the stream into events and publishes each one to the hub.
 type hubWriter struct {
 	hub         *hub
-	gen         uint64 // which upstream connection this is
+	ctx         context.Context // the upstream's: ends when it is stopped
+	gen         uint64          // which upstream connection this is
+	lease       Lease           // fences its appends to the broker
 	header      http.Header
 	wroteHeader bool
 	streaming   bool
@@ -255,7 +281,7 @@ func (w *hubWriter) publish(raw []byte) {
 	if !info.HasFields() {
 		return // the backend's own heartbeats: the hub sends its own
 	}
-	w.hub.publish(w.gen, raw, info)
+	w.hub.publish(w.ctx, w.gen, w.lease, raw, info)
 }
 
 // FlushError: events are published as they complete; nothing to flush.

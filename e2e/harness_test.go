@@ -35,9 +35,6 @@ type harness struct {
 	backend *backend
 }
 
-// url returns the address of path on the front server.
-func (h *harness) url(path string) string { return h.base + path }
-
 // startCaddy starts a backend and loads a Caddy config whose front server
 // (the origin of the test page) routes
 //
@@ -170,9 +167,8 @@ func freeAddr(t testing.TB) string {
 }
 
 // streamFunc writes one stream's bytes. The backend keeps the response open
-// after it returns, until the client goes away or the test ends (unless it
-// called stream.end): a stream that ended would make EventSource reconnect
-// and dispatch its events twice.
+// after it returns, until the client goes away or the test ends: a stream
+// that ended would make EventSource reconnect and dispatch its events twice.
 type streamFunc func(s *stream)
 
 // backend is an SSE server whose streams the tests script by name.
@@ -237,9 +233,6 @@ func (b *backend) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s := &stream{w: w, rc: http.NewResponseController(w), r: r, quit: b.quit}
 	s.flush()
 	f(s)
-	if s.ended {
-		return
-	}
 	select {
 	case <-r.Context().Done():
 	case <-b.quit:
@@ -248,17 +241,12 @@ func (b *backend) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // stream is the response a streamFunc writes to.
 type stream struct {
-	w     http.ResponseWriter
-	rc    *http.ResponseController
-	r     *http.Request
-	quit  <-chan struct{}
-	gone  bool // the client went away or the test ended; further steps do nothing
-	ended bool // see end
+	w    http.ResponseWriter
+	rc   *http.ResponseController
+	r    *http.Request
+	quit <-chan struct{}
+	gone bool // the client went away or the test ended; further steps do nothing
 }
-
-// end makes the response finish when the streamFunc returns, instead of
-// staying open: EventSource then reconnects (with Last-Event-ID).
-func (s *stream) end() { s.ended = true }
 
 func (s *stream) flush() {
 	if err := s.rc.Flush(); err != nil {

@@ -116,7 +116,10 @@ func (b *burstStats) record(seq uint64, lat int64) {
 
 // clientConfig describes the requests the clients make.
 type clientConfig struct {
-	addr     string // proxy host:port
+	addr string // proxy host:port
+	// more, when set, are further addresses of the same stream (cluster
+	// nodes): connections go to addr and these in turn.
+	more     []string
 	path     string
 	encoding string // "", "gzip" or "zstd": Accept-Encoding to send
 	srcAddrs []net.IP
@@ -138,6 +141,7 @@ type loadGen struct {
 	mu    sync.Mutex
 	conns []net.Conn
 	wg    sync.WaitGroup
+	next  atomic.Uint64 // round robin over addr and more
 }
 
 // srcCounter spreads connections over the loopback source addresses for the
@@ -195,7 +199,20 @@ func (g *loadGen) dial(ctx context.Context) (net.Conn, error) {
 		ip := g.cfg.srcAddrs[srcCounter.Add(1)%uint64(len(g.cfg.srcAddrs))]
 		d.LocalAddr = &net.TCPAddr{IP: ip}
 	}
-	return d.DialContext(ctx, "tcp", g.cfg.addr)
+	return d.DialContext(ctx, "tcp", g.target())
+}
+
+// target is the address of the next connection: addr, or with more
+// addresses each in turn, so n clients spread evenly over the nodes.
+func (g *loadGen) target() string {
+	if len(g.cfg.more) == 0 {
+		return g.cfg.addr
+	}
+	i := g.next.Add(1) - 1
+	if i%uint64(len(g.cfg.more)+1) == 0 {
+		return g.cfg.addr
+	}
+	return g.cfg.more[i%uint64(len(g.cfg.more)+1)-1]
 }
 
 // ramp opens n clients at about rate per second, with a bounded number of

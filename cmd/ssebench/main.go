@@ -55,7 +55,12 @@
 // reverse_proxy), nginx (when an nginx binary is on PATH or given with
 // -nginx) and direct (no proxy; measures the load generator itself). The
 // default "auto" runs fanout and passthrough when the Caddy binary accepts
-// them, reverse_proxy, and nginx when found.
+// them, reverse_proxy, and nginx when found. Two multi-process proxies are
+// only run when named: cluster (-cluster-nodes Caddy nodes in fan-out
+// cluster mode sharing a redis-server the bench starts; clients spread
+// evenly over the nodes; CPU summed over the nodes, Redis's CPU and INFO
+// commandstats reported apart) and nodes (the same nodes without the
+// cluster block or Redis: independent fan-out nodes). See cluster.go.
 //
 // It needs Linux (/proc, process groups). Run it on an otherwise quiet
 // machine; the clients and emitter share the CPUs with the proxy, and the
@@ -84,6 +89,7 @@ import (
 type config struct {
 	caddyBin  string
 	nginxBin  string
+	redisBin  string
 	proxies   []string
 	clients   []int
 	rate      float64
@@ -106,6 +112,8 @@ type config struct {
 	name      string
 	keep      bool
 	verbose   bool
+	// clusterNodes is how many Caddy nodes the "cluster" proxy runs.
+	clusterNodes int
 }
 
 func main() {
@@ -121,6 +129,8 @@ func mainErr() (err error) {
 	var proxies, clients, sseOpts string
 	flag.StringVar(&cfg.caddyBin, "caddy", "", "Caddy binary with the plugin (default: go build ./cmd/caddy into a temp dir)")
 	flag.StringVar(&cfg.nginxBin, "nginx", "", "nginx binary (default: nginx on PATH, if any)")
+	flag.StringVar(&cfg.redisBin, "redis", "", "redis-server binary for the cluster proxy (default: redis-server on PATH, if any)")
+	flag.IntVar(&cfg.clusterNodes, "cluster-nodes", 3, "Caddy nodes of the cluster proxy; its clients are spread evenly over them")
 	flag.StringVar(&proxies, "proxies", "auto", "comma-separated proxies: "+strings.Join(proxyKinds, ",")+"; auto = those available of fanout,passthrough,reverse_proxy,nginx")
 	flag.StringVar(&clients, "clients", "100,1000", "comma-separated client counts")
 	flag.Float64Var(&cfg.rate, "rate", 10, "events per second (bursts per second with -burst)")
@@ -154,6 +164,9 @@ func mainErr() (err error) {
 	}
 	if cfg.clients, err = parseInts(clients); err != nil {
 		return fmt.Errorf("-clients: %w", err)
+	}
+	if cfg.clusterNodes < 1 {
+		return errors.New("-cluster-nodes must be at least 1")
 	}
 	if cfg.repeat < 1 {
 		return errors.New("-repeat must be at least 1")
@@ -310,6 +323,7 @@ outer:
 
 	fmt.Println()
 	writeTable(os.Stdout, results)
+	writeClusterTable(os.Stdout, results)
 	if cfg.out != "" && len(results) > 0 {
 		if err := writeOutputs(filepath.Join(cfg.out, cfg.name), newReport(cfg, env, results), true); err != nil && runErr == nil {
 			runErr = err
@@ -323,7 +337,7 @@ outer:
 // clients: two per client where every client has its own upstream.
 func fdsNeeded(kind string, n int) int {
 	const spare = 128
-	if kind == "fanout" {
+	if kind == "fanout" || kind == "cluster" || kind == "nodes" {
 		return n + spare
 	}
 	return 2*n + spare
@@ -441,6 +455,9 @@ func resolveBinaries(ctx context.Context, cfg *config, tmp string) error {
 	if cfg.nginxBin == "" {
 		cfg.nginxBin, _ = exec.LookPath("nginx")
 	}
+	if cfg.redisBin == "" {
+		cfg.redisBin, _ = exec.LookPath("redis-server")
+	}
 	return nil
 }
 
@@ -464,6 +481,8 @@ func resolveProxies(ctx context.Context, list string, cfg config, tmp string) ([
 		switch {
 		case kind == "direct" && cfg.h2:
 			err = errors.New("-h2: the emitter (direct) speaks HTTP/1.1 only, so there is no h2c to measure without a proxy")
+		case kind == "cluster" && cfg.redisBin == "":
+			err = errors.New("no redis-server binary on PATH (pass -redis)")
 		case isCaddyKind(kind):
 			err = adaptCheck(ctx, cfg, kind, tmp)
 		case kind == "nginx" && cfg.nginxBin == "":
@@ -501,7 +520,7 @@ func nginxH2Check(ctx context.Context, nginxBin string) error {
 }
 
 func adaptCheck(ctx context.Context, cfg config, kind, tmp string) error {
-	cf, err := caddyfile(proxySpec{kind: kind, listen: "127.0.0.1:1", upstream: "127.0.0.1:2", sseOpts: cfg.sseOpts, h2: cfg.h2})
+	cf, err := caddyfile(proxySpec{kind: kind, listen: "127.0.0.1:1", upstream: "127.0.0.1:2", sseOpts: cfg.sseOpts, h2: cfg.h2, redis: "127.0.0.1:3"})
 	if err != nil {
 		return err
 	}
@@ -523,6 +542,7 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 	res = result{Proxy: kind, Clients: n, Mode: mode(cfg), Protocol: protocol(cfg)}
 	listen := em.addr
 	var p *proc
+	var cl *clusterRun // kinds "cluster" and "nodes": the nodes (and redis-server)
 	for attempt := 1; ; attempt++ {
 		if kind != "direct" {
 			if listen, err = freePort(); err != nil {
@@ -534,7 +554,13 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 		if iv := emitInterval(cfg); iv > 0 {
 			probeTO += 2 * iv
 		}
-		p, err = launchProxy(kind, cfg.caddyBin, cfg.nginxBin, dir, proxySpec{kind: kind, listen: listen, upstream: em.addr, sseOpts: cfg.sseOpts, h2: cfg.h2}, cfg.startTO, probeTO, !cfg.idle)
+		if kind == "cluster" || kind == "nodes" {
+			if cl, err = launchCluster(cfg, kind, dir, em.addr, cfg.startTO, probeTO, !cfg.idle); err == nil {
+				listen = cl.addrs[0]
+			}
+		} else {
+			p, err = launchProxy(kind, cfg.caddyBin, cfg.nginxBin, dir, proxySpec{kind: kind, listen: listen, upstream: em.addr, sseOpts: cfg.sseOpts, h2: cfg.h2}, cfg.startTO, probeTO, !cfg.idle)
+		}
 		if err == nil {
 			break
 		}
@@ -548,6 +574,9 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 		if p != nil {
 			p.stop(3 * time.Second)
 		}
+		if cl != nil {
+			cl.stop(3 * time.Second)
+		}
 		em.closeConns()
 		if !em.waitIdle(5 * time.Second) {
 			logf("  emitter connections still open after stopping %s", kind)
@@ -555,6 +584,13 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 	}()
 
 	sample := func() procSample {
+		if cl != nil {
+			s, err := cl.sampleNodes()
+			if err != nil {
+				logf("  sampling %s: %v", kind, err)
+			}
+			return s
+		}
 		if p == nil {
 			return procSample{at: time.Now(), sched: -1}
 		}
@@ -565,6 +601,9 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 		return s
 	}
 	exited := func() error {
+		if cl != nil {
+			return cl.exited()
+		}
 		if p == nil {
 			return nil
 		}
@@ -597,6 +636,9 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 		enc = ""
 	}
 	cc := clientConfig{addr: listen, path: "/events", encoding: enc, dialTO: 10 * time.Second, h2: cfg.h2}
+	if cl != nil {
+		cc.more = cl.addrs[1:]
+	}
 	for i := 0; i < cfg.srcAddrs; i++ {
 		cc.srcAddrs = append(cc.srcAddrs, net.IPv4(127, 0, 0, byte(2+i)))
 	}
@@ -630,6 +672,7 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 	live0 := stats.connected.Load() - stats.disconnect.Load()
 	self0 := selfCPU()
 	s0 := sample()
+	r0 := cl.sampleRedis()
 	wire0 := stats.wire.Load()
 	em.atomically(func(last uint64) { seq0 = last; stats.openWindow(last) })
 	if err := sleepCtx(ctx, cfg.duration); err != nil {
@@ -637,6 +680,7 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 	}
 	em.atomically(func(last uint64) { seq1 = last; stats.closeWindow(last) })
 	s1 := sample()
+	r1 := cl.sampleRedis()
 	wire1 := stats.wire.Load()
 	self1 := selfCPU()
 	res.Upstreams = em.open.Load()
@@ -688,7 +732,10 @@ func runOne(ctx context.Context, cfg config, em *emitter, kind string, n int, di
 		res.CPUPerEvUs = us(cpu) / float64(res.Delivered)
 	}
 	res.BaseRSS, res.RSS = base.rss, s1.rss
-	if live0 > 0 && p != nil {
+	if cl != nil {
+		clusterSummary(&res, cl, r0, r1)
+	}
+	if live0 > 0 && (p != nil || cl != nil) {
 		res.KiBPerConn = float64(s1.rss-base.rss) / 1024 / float64(live0)
 	}
 	res.GenCPUPct = 100 * (self1 - self0).Seconds() / window
@@ -752,6 +799,12 @@ func summary(r result) string {
 	if r.Bursts > 0 {
 		s += fmt.Sprintf("; bursts: %d, median completion %.1f ms, %.0f deliveries/s", r.Bursts, r.BurstComplete, r.BurstPerSec)
 	}
+	if r.Nodes > 0 {
+		s += fmt.Sprintf("; %d nodes", r.Nodes)
+	}
+	if r.Proxy == "cluster" {
+		s += fmt.Sprintf("; redis-server CPU %.1f%% (%.2f µs/event), %.1f Redis calls and %.2f scripts per event (%s)", r.RedisCPUPercent, r.RedisCPUPerEvUs, r.RedisCallsPerEv, r.RedisScriptsPerEv, r.RedisTop)
+	}
 	if r.FirstErr != "" {
 		s += "; first error: " + r.FirstErr
 	}
@@ -799,6 +852,7 @@ func writeOutputs(base string, rep report, withJSON bool) error {
 		fmt.Fprintf(&md, "%s\n\n", protocolDesc(rep.Protocol))
 	}
 	writeTable(&md, rep.Results)
+	writeClusterTable(&md, rep.Results)
 	md.WriteString("\nProxies:\n\n")
 	seen := map[string]bool{}
 	for _, r := range rep.Results {
@@ -853,6 +907,7 @@ func replot(path string) error {
 		return fmt.Errorf("%s: no results", path)
 	}
 	writeTable(os.Stdout, rep.Results)
+	writeClusterTable(os.Stdout, rep.Results)
 	return writeOutputs(strings.TrimSuffix(path, ".json"), rep, false)
 }
 

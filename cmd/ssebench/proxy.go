@@ -18,10 +18,12 @@ import (
 )
 
 // Proxy kinds, in the order the bench runs them when asked for all.
-var proxyKinds = []string{"fanout", "passthrough", "reverse_proxy", "encode_gzip", "nginx", "direct"}
+var proxyKinds = []string{"fanout", "cluster", "nodes", "passthrough", "reverse_proxy", "encode_gzip", "nginx", "direct"}
 
 var proxyDesc = map[string]string{
 	"fanout":        "`sse { fanout }` + `reverse_proxy`: one upstream per stream, shared",
+	"cluster":       "`sse { fanout { cluster redis {...} } }` + `reverse_proxy` on -cluster-nodes Caddy processes sharing one redis-server, clients spread evenly over the nodes: one upstream for the cluster; CPU and memory are the nodes' sum, Redis is reported apart",
+	"nodes":         "`sse { fanout }` + `reverse_proxy` on -cluster-nodes independent Caddy processes (no cluster block, no Redis), clients spread evenly: one upstream and cache per node; CPU and memory are the nodes' sum",
 	"passthrough":   "`sse` + `reverse_proxy`: one upstream per client",
 	"reverse_proxy": "plain `reverse_proxy` (no plugin): one upstream per client",
 	"encode_gzip":   "`encode gzip` + plain `reverse_proxy`",
@@ -35,12 +37,13 @@ type proxySpec struct {
 	listen   string // 127.0.0.1:port the proxy listens on
 	upstream string // the emitter's host:port
 	sseOpts  []string
-	h2       bool // clients speak h2c (prior knowledge): the proxy must accept it
+	h2       bool   // clients speak h2c (prior knowledge): the proxy must accept it
+	redis    string // cluster: the redis-server's host:port
 }
 
 func isCaddyKind(kind string) bool {
 	switch kind {
-	case "fanout", "passthrough", "reverse_proxy", "encode_gzip":
+	case "fanout", "cluster", "nodes", "passthrough", "reverse_proxy", "encode_gzip":
 		return true
 	}
 	return false
@@ -66,6 +69,15 @@ func caddyfile(p proxySpec) (string, error) {
 	switch p.kind {
 	case "fanout":
 		sseBlock("fanout")
+	case "nodes":
+		// The key is the path: the default one holds the Host, which is
+		// each node's own address in the bench's probe request, so the
+		// probe would leave a hub with an upstream of its own behind.
+		sseBlock("fanout {", "\tkey {http.request.uri.path}", "}")
+	case "cluster":
+		// The configuration agreed for cluster mode (issue #13), keyed by
+		// path as "nodes" is.
+		sseBlock("fanout {", "\tkey {http.request.uri.path}", "\tcluster redis {", "\t\taddress redis://"+p.redis+"/0", "\t\tprefix sse:", "\t}", "}")
 	case "passthrough":
 		sseBlock()
 	case "reverse_proxy":

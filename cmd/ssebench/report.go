@@ -55,6 +55,15 @@ type result struct {
 	BurstComplete float64 `json:"burst_completion_ms,omitempty"` // median over bursts
 	Bursts        int     `json:"bursts,omitempty"`
 
+	// Cluster proxy only: nodes, and redis-server's share. CPUPerEvUs and
+	// KiBPerConn are then the sum over the nodes, Redis not included.
+	Nodes             int     `json:"nodes,omitempty"`
+	RedisCPUPercent   float64 `json:"redis_cpu_pct,omitempty"`
+	RedisCPUPerEvUs   float64 `json:"redis_cpu_us_per_event,omitempty"`  // per delivered event
+	RedisCallsPerEv   float64 `json:"redis_calls_per_event,omitempty"`   // per emitted event: every command, those run inside scripts included (INFO commandstats)
+	RedisScriptsPerEv float64 `json:"redis_scripts_per_event,omitempty"` // EVALSHA/EVAL/FCALL per emitted event
+	RedisTop          string  `json:"redis_top_commands,omitempty"`      // the commands called most in the window
+
 	FirstErr string `json:"first_error,omitempty"`
 }
 
@@ -128,6 +137,48 @@ func writeTable(w io.Writer, rs []result) {
 	}
 }
 
+// writeClusterTable prints, when there are cluster results, how each
+// compares with single-node fan-out at the same client count in the same
+// run (CPU per delivered event: the nodes' sum, then with Redis added; p99
+// latency) and what it costs Redis.
+func writeClusterTable(w io.Writer, rs []result) {
+	var cls []result
+	for _, r := range rs {
+		if r.Proxy == "cluster" || r.Proxy == "nodes" {
+			cls = append(cls, r)
+		}
+	}
+	if len(cls) == 0 {
+		return
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| cluster | clients | nodes | CPU µs/event (nodes) | ×fanout | + Redis µs/event | ×fanout with Redis | p99 ms | p99 − fanout's, ms | Redis CPU % | Redis calls/event | scripts/event | top Redis commands in the window |")
+	fmt.Fprintln(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+	for _, r := range cls {
+		var f result
+		found := false
+		for _, b := range rs {
+			if b.Proxy == "fanout" && b.Clients == r.Clients && b.Mode == r.Mode && b.Protocol == r.Protocol {
+				f, found = b, true
+			}
+		}
+		x, xr, dp99 := "–", "–", "–"
+		if found {
+			x = ratio(r.CPUPerEvUs, f.CPUPerEvUs)
+			xr = ratio(r.CPUPerEvUs+r.RedisCPUPerEvUs, f.CPUPerEvUs)
+			dp99 = fmt.Sprintf("%+.1f", (r.P99us-f.P99us)/1000)
+		}
+		redisEv, redisPct, calls, scripts, top := fmt.Sprintf("%.2f", r.RedisCPUPerEvUs), fmt.Sprintf("%.1f", r.RedisCPUPercent),
+			fmt.Sprintf("%.1f", r.RedisCallsPerEv), fmt.Sprintf("%.2f", r.RedisScriptsPerEv), r.RedisTop
+		if r.Proxy == "nodes" { // no Redis at all
+			redisEv, redisPct, calls, scripts, top, xr = "–", "–", "–", "–", "", "–"
+		}
+		fmt.Fprintf(w, "| %s | %d | %d | %.2f | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+			r.Proxy, r.Clients, r.Nodes, r.CPUPerEvUs, x, redisEv, xr, ms(r.P99us), dp99,
+			redisPct, calls, scripts, top)
+	}
+}
+
 // Chart data: a panel has a title and one series per proxy.
 type point struct{ x, y float64 }
 
@@ -186,6 +237,8 @@ func panelsFor(rs []result) []panel {
 
 var seriesColors = map[string]string{
 	"fanout":        "#1b9e77",
+	"cluster":       "#e6ab02",
+	"nodes":         "#a6761d",
 	"passthrough":   "#d95f02",
 	"reverse_proxy": "#7570b3",
 	"encode_gzip":   "#e7298a",

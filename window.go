@@ -2,60 +2,58 @@ package caddysse
 
 import "time"
 
+// memoryReplay holds the latest complete events of one stream, bounded by
+// count, bytes and age, in this process's memory. It serves twice:
+//
+//   - as a hub's window (newWindow): this node's recent events with the
+//     bytes its shared compressors made of them, which every client's queue
+//     is (a client is a cursor into it). No id index: ids are the broker's.
+//   - as the memory broker's history (newMemoryReplay, broker_memory.go),
+//     with an index from id to seq.
+//
+// The memory broker keeps the same data slices the window does: an event's
+// bytes exist once.
+
 // event is one complete event of a fan-out stream, serialized once: every
 // client's queue shares the same bytes.
 type event struct {
-	seq  uint64    // position in the hub's stream, from 1, without gaps
+	seq  uint64    // position in the hub's window (or the broker's offset), from 1, without gaps
 	id   string    // the id clients see (the backend's or a synthesized one); "" for none
 	data []byte    // the bytes every client is sent
 	at   time.Time // when the hub received it, for the age bound
-	z    *eventZ   // data as the hub's shared compressors encoded it (compress.go), or nil
+	z    *eventZ   // data as the hub's shared compressors encoded it (compress_shared.go), or nil
 }
 
-// replayBuffer holds the latest complete events of one stream, bounded by
-// count, bytes and age. It is both the replay cache for Last-Event-ID and
-// every client's queue (a client is a cursor into it). This node's memory
-// is the only implementation today; a shared one (Redis) for several nodes
-// is planned, which is why the hub sees only this interface.
-type replayBuffer interface {
-	// add appends ev (whose seq follows the last one) and evicts what the
-	// bounds no longer allow.
-	add(ev *event)
-	// after appends to dst the events following seq, at most max of them.
-	// ok is false when some of them were already evicted: a reader at seq
-	// can no longer get a gapless stream.
-	after(dst []*event, seq uint64, max int) (_ []*event, ok bool)
-	// find returns the seq of the newest held event with this id.
-	find(id string) (seq uint64, ok bool)
-	// stats reports the events and bytes held.
-	stats() (events, bytes int)
-}
-
-// replayLimits bound a replay buffer; a zero field is no bound.
+// replayLimits bound a memoryReplay; a zero field is no bound.
 type replayLimits struct {
 	events int
 	bytes  int
 	age    time.Duration
 }
 
-// memoryReplay is a replayBuffer in this process's memory: a queue of
-// events and an index from id to seq.
+// memoryReplay is a queue of events, and an index from id to seq unless
+// it is a window.
 type memoryReplay struct {
 	limits replayLimits
 	now    func() time.Time
 	events []*event // oldest first; events[0].seq is the oldest held
 	bytes  int
-	byID   map[string]uint64
+	byID   map[string]uint64 // nil for a window
 }
 
 func newMemoryReplay(limits replayLimits) *memoryReplay {
 	return &memoryReplay{limits: limits, now: time.Now, byID: make(map[string]uint64)}
 }
 
+// newWindow is a hub's window: no id index.
+func newWindow(limits replayLimits) *memoryReplay {
+	return &memoryReplay{limits: limits, now: time.Now}
+}
+
 func (m *memoryReplay) add(ev *event) {
 	m.events = append(m.events, ev)
 	m.bytes += len(ev.data)
-	if ev.id != "" {
+	if ev.id != "" && m.byID != nil {
 		m.byID[ev.id] = ev.seq
 	}
 	m.evict()
@@ -76,7 +74,7 @@ func (m *memoryReplay) evict() {
 			(m.limits.bytes > 0 && m.bytes > m.limits.bytes) ||
 			(!oldest.IsZero() && ev.at.Before(oldest)) {
 			m.bytes -= len(ev.data)
-			if ev.id != "" && m.byID[ev.id] == ev.seq {
+			if ev.id != "" && m.byID != nil && m.byID[ev.id] == ev.seq {
 				delete(m.byID, ev.id)
 			}
 			m.events[drop] = nil
@@ -119,16 +117,23 @@ func (m *memoryReplay) after(dst []*event, seq uint64, max int) ([]*event, bool)
 
 func (m *memoryReplay) find(id string) (uint64, bool) {
 	seq, ok := m.byID[id]
-	if !ok || m.limits.age <= 0 {
-		return seq, ok
-	}
-	m.evict()
-	// The newest event outlives the age bound for live readers, not for
-	// a replay.
-	if seq < m.events[0].seq || m.events[seq-m.events[0].seq].at.Before(m.now().Add(-m.limits.age)) {
+	if !ok {
 		return 0, false
 	}
-	return seq, true
+	return seq, m.held(seq)
+}
+
+// held reports whether a replay may start after seq: the event is held
+// and, under an age bound, not expired (the newest event outlives the age
+// bound for live readers, not for a replay).
+func (m *memoryReplay) held(seq uint64) bool {
+	if m.limits.age > 0 {
+		m.evict()
+	}
+	if len(m.events) == 0 || seq < m.events[0].seq || seq > m.events[len(m.events)-1].seq {
+		return false
+	}
+	return m.limits.age <= 0 || !m.events[seq-m.events[0].seq].at.Before(m.now().Add(-m.limits.age))
 }
 
 func (m *memoryReplay) stats() (int, int) {
