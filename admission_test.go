@@ -302,3 +302,32 @@ func TestFanoutHandedOverStreamIsChunked(t *testing.T) {
 		}
 	})
 }
+
+// A fan-out client on its request (HTTP/2 here) that is cut off because
+// its next event left the cache must see a cut (the stream reset), not a
+// clean end, for the same reason as a handed-over one
+// (TestFanoutHandedOverStreamIsChunked).
+func TestFanoutCutHTTP2ClientSeesACut(t *testing.T) {
+	checkNoLeak(t)
+	e := newEmitter(t)
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"write_timeout": "30s", "fanout": map[string]any{"buffer_events": 4}}))
+	fast := openStream(t, base+"/events", false)
+	e.waitJoined(t, 1)
+	resp, cancel := streamRequest(t, base+"/events", true) // not read for now
+	defer cancel()
+	defer resp.Body.Close()
+	waitHubClients(t, base, 2)
+	payload := strings.Repeat("x", 256<<10)
+	const n = 40 // 10 MB: more than an HTTP/2 stream's window
+	for i := range n {
+		e.emit(fmt.Sprintf("data: %d %s\n\n", i, payload))
+		waitCount(t, fast, i+1, 10*time.Second) // at the pace of the fast one, which stays in the cache
+	}
+	// It reads again: it gets what was sent, then its stream is cut, as
+	// its next event left the cache (4 events) meanwhile.
+	got, err := io.ReadAll(resp.Body)
+	if err == nil {
+		t.Fatalf("the stream of a client that fell out of the cache ended cleanly after %d bytes", len(got))
+	}
+	waitHubClients(t, base, 1)
+}

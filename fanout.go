@@ -334,6 +334,14 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	}
 	c.out = newClientConn(wireCounter{ResponseWriter: belowIdleTimeout(r.Context(), w), n: &c.wire}, time.Duration(h.WriteTimeout))
 	err = c.run(r.Context(), first)
+	if !c.clean && r.Context().Err() == nil {
+		// Cut off (its next event left the cache, or a write failed): abort
+		// the response (an HTTP/2 stream reset, an HTTP/1.1 body without its
+		// last chunk), so that the client sees a cut and reconnects. A
+		// handler that returns ends the response cleanly, which
+		// fetch-event-source takes as "done". The deferred release runs.
+		panic(http.ErrAbortHandler)
+	}
 	c.endEncoding()
 	return err
 }
