@@ -47,7 +47,20 @@ type streamStatus struct {
 	Reconnects    int     `json:"reconnects"`
 	Events        int64   `json:"events"`             // events received from upstream
 	Bytes         int64   `json:"bytes"`              // bytes written to clients, before compression
-	Encoding      string  `json:"encoding,omitempty"` // content coding to the client(s)
+	WireBytes     int64   `json:"wire_bytes"`         // the same bytes as sent, after compression
+	Encoding      string  `json:"encoding,omitempty"` // content coding to the client(s); a hub's: the codings its clients use, comma-separated
+	// Encodings is a hub's figures per content coding (omitted for
+	// pass-through streams, whose one coding is Encoding).
+	Encodings []encodingStatus `json:"encodings,omitempty"`
+}
+
+// encodingStatus is what a fan-out hub wrote to its clients of one
+// content coding, since the hub began.
+type encodingStatus struct {
+	Encoding  string `json:"encoding"`
+	Clients   int64  `json:"clients"`    // clients now streaming with it
+	Bytes     int64  `json:"bytes"`      // before compression
+	WireBytes int64  `json:"wire_bytes"` // after compression
 }
 
 // Upstream states of a pass-through stream.
@@ -132,6 +145,7 @@ func (s *stream) status(now time.Time) streamStatus {
 		LastEventID:   formatID(s.obs.lastID),
 		Events:        s.events,
 		Bytes:         s.bytes,
+		WireBytes:     s.obs.wire,
 		Encoding:      s.encoding().String(),
 	}
 	switch {

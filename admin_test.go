@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
@@ -86,8 +87,8 @@ func TestAdminStreamsPassthrough(t *testing.T) {
 	})
 	a := byPath(list, "/a")[0]
 	want := streamStatus{Mode: "passthrough", Key: a.Key, Path: "/a", Clients: 1, Upstream: "streaming",
-		UptimeSeconds: a.UptimeSeconds, LastEventID: "42", Events: 3, Bytes: int64(len(gotA)), Encoding: "identity"}
-	if a != want {
+		UptimeSeconds: a.UptimeSeconds, LastEventID: "42", Events: 3, Bytes: int64(len(gotA)), WireBytes: int64(len(gotA)), Encoding: "identity"}
+	if !reflect.DeepEqual(a, want) {
 		t.Errorf("/a stream:\n got %+v\nwant %+v", a, want)
 	}
 	if a.UptimeSeconds <= 0 || a.UptimeSeconds > 60 {
@@ -195,25 +196,39 @@ func TestNoSecretsInLogsOrAdmin(t *testing.T) {
 func TestAdminStreamsFanout(t *testing.T) {
 	checkNoLeak(t)
 	e := newEmitter(t)
-	oc := startObservedCaddy(t, fanoutRoute(e, nil))
+	oc := startObservedCaddy(t, fanoutRoute(e, map[string]any{"heartbeat": 0, "compress": []string{"zstd", "gzip"}}))
 	clients := []*client{
 		openStream(t, oc.Base+"/events?q=secret", false),
 		openStream(t, oc.Base+"/events?q=secret", false),
 		openStream(t, oc.Base+"/events?q=secret", true),
 	}
+	// Compressed clients: they read the bytes as sent.
+	gz := openStream(t, oc.Base+"/events?q=secret", false, "Accept-Encoding", "gzip")
+	zs := openStream(t, oc.Base+"/events?q=secret", true, "Accept-Encoding", "zstd")
 	e.waitJoined(t, 1)
 	e.emit("data: one\n\n")
 	e.emit("data: two\n\n")
 	for _, c := range clients {
 		waitEvents(t, c, 2)
 	}
-	list, raw := oc.waitStreams(t, "one hub with 3 clients", func(l []streamStatus) bool {
-		return len(l) == 1 && l[0].Clients == 3
+	// Every client was sent the same plain bytes (no padding, no
+	// heartbeat): the two events.
+	plain := int64(len(clients[0].bytes()))
+	list, raw := oc.waitStreams(t, "one hub with 5 clients and every byte counted", func(l []streamStatus) bool {
+		return len(l) == 1 && l[0].Clients == 5 && l[0].Bytes == 5*plain
 	})
+	gzWire := int64(len(gz.waitFor(t, 5*time.Second, "gzip bytes", func(b []byte) bool { return int64(len(b)) == list[0].Encodings[1].WireBytes })))
+	zsWire := int64(len(zs.waitFor(t, 5*time.Second, "zstd bytes", func(b []byte) bool { return int64(len(b)) == list[0].Encodings[2].WireBytes })))
 	h := list[0]
-	want := streamStatus{Mode: "fanout", Key: h.Key, Path: "/events", Clients: 3, HandedOver: 2, Upstream: "streaming",
-		UptimeSeconds: h.UptimeSeconds, LastEventID: h.LastEventID, CacheEvents: 2, CacheBytes: h.CacheBytes, Events: 2}
-	if h != want {
+	want := streamStatus{Mode: "fanout", Key: h.Key, Path: "/events", Clients: 5, HandedOver: 3, Upstream: "streaming",
+		UptimeSeconds: h.UptimeSeconds, LastEventID: h.LastEventID, CacheEvents: 2, CacheBytes: h.CacheBytes, Events: 2,
+		Bytes: 5 * plain, WireBytes: 3*plain + gzWire + zsWire, Encoding: "identity,gzip,zstd",
+		Encodings: []encodingStatus{
+			{Encoding: "identity", Clients: 3, Bytes: 3 * plain, WireBytes: 3 * plain},
+			{Encoding: "gzip", Clients: 1, Bytes: plain, WireBytes: gzWire},
+			{Encoding: "zstd", Clients: 1, Bytes: plain, WireBytes: zsWire},
+		}}
+	if !reflect.DeepEqual(h, want) {
 		t.Errorf("hub:\n got %+v\nwant %+v", h, want)
 	}
 	if !hashedKey.MatchString(h.Key) || h.LastEventID == "" || h.CacheBytes <= 0 || bytes.Contains(raw, []byte("secret")) {

@@ -60,7 +60,8 @@ type Lease struct {
 // http.handlers.sse.brokers namespace.
 type Broker interface {
 	// Stream opens the shared history of one stream key (the hub's pool
-	// key, which includes the hub settings).
+	// key, which includes the broker's config but not the hub settings:
+	// a reload that changes them keeps the history).
 	Stream(ctx context.Context, key string, limits HistoryLimits) (BrokerStream, error)
 }
 

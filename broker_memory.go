@@ -128,6 +128,14 @@ func (m *memoryStream) Notify() <-chan struct{} {
 
 func (m *memoryStream) Close() error { return nil }
 
+// setLimits bounds the history anew (a reload changed the buffer).
+func (m *memoryStream) setLimits(limits HistoryLimits) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.buf.limits = replayLimits{events: limits.Events, bytes: limits.Bytes, age: limits.Age}
+	m.buf.evict()
+}
+
 // Interface guards
 var (
 	_ Broker       = (*MemoryBroker)(nil)

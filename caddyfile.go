@@ -47,6 +47,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			ids               auto|upstream|synthesize
 //			replay_on_connect <events>
 //			on_unknown_id     reset|backend
+//			on_end            auto|end|reconnect
 //			reset_event       <event type>
 //			client_queue      <events>
 //			max_clients       <clients>
@@ -231,6 +232,7 @@ var fanoutUsage = map[string]string{
 	"ids":               strings.Join(idsModes, "|"),
 	"replay_on_connect": "<events>",
 	"on_unknown_id":     strings.Join(unknownModes, "|"),
+	"on_end":            strings.Join(onEndModes, "|"),
 	"reset_event":       "<event type>",
 	"client_queue":      "<events>",
 	"max_clients":       "<clients>",
@@ -289,6 +291,8 @@ func (f *Fanout) unmarshalOption(opt string, args []string) error {
 		f.IDs, err = val, checkOneOf(val, idsModes...)
 	case "on_unknown_id":
 		f.OnUnknownID, err = val, checkOneOf(val, unknownModes...)
+	case "on_end":
+		f.OnEnd, err = val, checkOneOf(val, onEndModes...)
 	case "reset_event":
 		f.ResetEvent, err = val, checkCommentLine(val)
 	case "replay_on_connect":

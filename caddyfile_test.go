@@ -108,8 +108,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			compress zstd lz4
 		}`, err: "compress: unknown encoding 'lz4'"},
 		{in: `sse {
-			compress br
-		}`, err: "compress: encoding 'br' is not supported"},
+			compress zstd br gzip
+		}`, want: Handler{Compress: []string{"zstd", "br", "gzip"}}},
 		{in: `sse {
 			compress off gzip
 		}`, err: "compress: off cannot be combined"},
@@ -290,7 +290,7 @@ func TestAdaptRejects(t *testing.T) {
 		{"max_event_size 0", "max_event_size: 0 is below the minimum of 1 KiB, at Caddyfile:3"},
 		{"max_event_size off", "max_event_size: cannot be off: give a size of at least 1 KiB, at Caddyfile:3"},
 		{"max_event_size 2GiB", "max_event_size: 2 GiB is over the maximum of 1 GiB, at Caddyfile:3"},
-		{"compress lz4", "compress: unknown encoding 'lz4' (supported: zstd, gzip, or off), at Caddyfile:3"},
+		{"compress lz4", "compress: unknown encoding 'lz4' (supported: zstd, gzip, br, or off), at Caddyfile:3"},
 		{"compress", "compress: wrong argument count: want compress <encodings...>|off, at Caddyfile:3"},
 		{"hearbeat 5s", "hearbeat: unrecognized sse option, at Caddyfile:3"},
 		{"fanout extra", "fanout: unexpected argument 'extra' (options go in a block), at Caddyfile:3"},
@@ -298,6 +298,7 @@ func TestAdaptRejects(t *testing.T) {
 		{"fanout {\n\t\t\tids mine\n\t\t}", `fanout: ids: "mine" is not one of auto, upstream, synthesize, at Caddyfile:4`},
 		{"fanout {\n\t\t\tids\n\t\t}", "fanout: ids: wrong argument count: want ids auto|upstream|synthesize, at Caddyfile:4"},
 		{"fanout {\n\t\t\ton_unknown_id resend\n\t\t}", `fanout: on_unknown_id: "resend" is not one of reset, backend, at Caddyfile:4`},
+		{"fanout {\n\t\t\ton_end sometimes\n\t\t}", `fanout: on_end: "sometimes" is not one of auto, end, reconnect, at Caddyfile:4`},
 		{"fanout {\n\t\t\tbuffer lots\n\t\t}", `fanout: buffer: "lots" is neither an event count (1000), a size (8MiB) nor an age (10m), at Caddyfile:4`},
 		{"fanout {\n\t\t\tbuffer -5\n\t\t}", "fanout: buffer: -5 is negative, at Caddyfile:4"},
 		{"fanout {\n\t\t\tbuffer -1MiB\n\t\t}", "fanout: buffer: -1MiB is negative, at Caddyfile:4"},

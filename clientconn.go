@@ -23,6 +23,9 @@ func prepareStreamHeader(hdr http.Header, protoMajor int) {
 		hdr.Set("Cache-Control", cc+", no-transform")
 	}
 	hdr.Set("X-Accel-Buffering", "no")
+	// RFC 10036: intermediaries that know the Incremental field forward the
+	// response as it comes instead of buffering it (Caddy 2.11 does).
+	hdr.Set("Incremental", "?1")
 	if protoMajor >= 2 {
 		for _, h := range []string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade"} {
 			hdr.Del(h)

@@ -8,10 +8,11 @@ const (
 	codingIdentity coding = iota // sent as it is
 	codingGzip
 	codingZstd
+	codingBr
 	numCodings
 )
 
-var codingNames = [numCodings]string{"identity", "gzip", "zstd"}
+var codingNames = [numCodings]string{"identity", "gzip", "zstd", "br"}
 
 // String is the coding's name in Content-Encoding and in metrics labels.
 func (c coding) String() string { return codingNames[c] }

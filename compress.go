@@ -34,11 +34,21 @@ package caddysse
 //     encode's zstd. A 32 KiB window costs ~30 KiB more per stream and gave
 //     no better ratio on small events (0.318 against 0.316): 16 KiB is ~80
 //     such events of history. Streams of multi-KiB events lose a little.
-//   - br: not offered. No brotli encoder is in the module graph
-//     (github.com/andybalholm/brotli would be a new dependency), browsers
-//     send `br` only over HTTPS where they also send `zstd` (Chrome, Edge,
-//     Firefox) or `gzip` (all), and a brotli writer's hash tables are of the
-//     same order as zstd's. Configuring it is an error that says so.
+//   - br: github.com/andybalholm/brotli's Writer (the maintained pure-Go
+//     port of Google's encoder, with a real sync flush: BROTLI_OPERATION_
+//     FLUSH, byte-aligned) at quality 3 with a 4 KiB window (lgwin 12), from
+//     a pool. Quality 0 and 1 compress each flush on its own (their
+//     fragment compressors look back only within the current input), so
+//     with one flush per event they barely compress (wire/plain 1.02 and
+//     0.93); quality 2 reaches 0.40; quality 3 0.33 with lgwin 12 (0.31
+//     with lgwin 10, 0.34 with 16: small windows code distances more
+//     cheaply); quality 4 and up cost twice the memory (~530 KiB) for 0.31.
+//     ~280 KiB per stream, most of it the quality-3 hasher. Offered for
+//     clients that accept br but not zstd (Safari before 26.3), but not in
+//     the default list: on small events it compresses no better than gzip,
+//     with more CPU and ~7x the memory (docs/compression.md). In fan-out a
+//     br client has its own encoder: brotli output cannot be spliced into
+//     another client's stream (see compress_shared.go).
 //
 // Padding: a comment of spaces compresses to a handful of bytes and no
 // longer pushes a buffering middlebox (which counts the bytes it holds, on
@@ -66,6 +76,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/andybalholm/brotli"
 	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/compress/zstd"
 )
@@ -94,13 +105,11 @@ func compressionPrefs(list []string) ([]string, error) {
 	seen := make(map[string]bool, len(list))
 	for _, name := range list {
 		switch c, _ := parseCoding(name); {
-		case c == codingGzip || c == codingZstd:
+		case c == codingGzip || c == codingZstd || c == codingBr:
 		case name == compressOff:
 			return nil, errors.New("compress: off cannot be combined with encodings")
-		case name == "br":
-			return nil, errors.New("compress: encoding 'br' is not supported by this plugin (no brotli encoder in the build); use zstd and gzip")
 		default:
-			return nil, fmt.Errorf("compress: unknown encoding '%s' (supported: zstd, gzip, or off)", name)
+			return nil, fmt.Errorf("compress: unknown encoding '%s' (supported: zstd, gzip, br, or off)", name)
 		}
 		if seen[name] {
 			return nil, fmt.Errorf("compress: encoding '%s' listed twice", name)
@@ -317,6 +326,10 @@ func newEncoder(c coding, w io.Writer) (encoder, error) {
 		z := zstdPool.Get().(*zstd.Encoder)
 		z.Reset(w)
 		e = &zstdEncoder{z: z}
+	case codingBr:
+		bw := brotliPool.Get().(*brotli.Writer)
+		bw.Reset(w)
+		e = &brotliEncoder{w: bw}
 	default:
 		return nil, fmt.Errorf("no encoder for %s", c)
 	}
@@ -384,6 +397,33 @@ func (e *zstdEncoder) release() {
 	e.z.Reset(nil)
 	zstdPool.Put(e.z)
 	e.z = nil
+	liveEncoders.Add(-1)
+}
+
+// br: one pooled andybalholm/brotli writer per stream.
+
+// brotliOptions: see the top of this file for why quality 3 and lgwin 12.
+var brotliOptions = brotli.WriterOptions{Quality: 3, LGWin: 12}
+
+var brotliPool = sync.Pool{New: func() any { return brotli.NewWriterOptions(nil, brotliOptions) }}
+
+type brotliEncoder struct{ w *brotli.Writer }
+
+func (e *brotliEncoder) Write(p []byte) (int, error) { return e.w.Write(p) }
+
+// Flush is brotli's flush operation: the pending input is compressed into
+// meta-blocks and the output padded to a byte boundary, so the client can
+// decode all of it.
+func (e *brotliEncoder) Flush() error { return e.w.Flush() }
+func (e *brotliEncoder) Close() error { return e.w.Close() }
+
+func (e *brotliEncoder) release() {
+	if e.w == nil {
+		return
+	}
+	e.w.Reset(nil)
+	brotliPool.Put(e.w)
+	e.w = nil
 	liveEncoders.Add(-1)
 }
 

@@ -16,6 +16,7 @@ import (
 
 	kgzip "github.com/klauspost/compress/gzip"
 
+	"github.com/andybalholm/brotli"
 	"github.com/klauspost/compress/zstd"
 )
 
@@ -93,6 +94,8 @@ func idleClient(tr *http.Transport, url, acceptEncoding string, connected, ready
 				}
 				defer zr.Close()
 				dec = zr
+			case "br":
+				dec = brotli.NewReader(resp.Body)
 			default:
 				return fmt.Errorf("Content-Encoding %q", ce)
 			}
@@ -159,6 +162,7 @@ func BenchmarkIdleStreamMemory(b *testing.B) {
 		{"sse/identity", sseHandler(nil), ""},
 		{"sse/gzip", sseHandler(nil), "gzip"},
 		{"sse/zstd", sseHandler(nil), "zstd"},
+		{"sse/br", sseHandler(map[string]any{"compress": []string{"br"}}), "br"},
 		{"encode/identity", encodeHandler("zstd", "gzip"), ""},
 		{"encode/gzip", encodeHandler("zstd", "gzip"), "gzip"},
 		{"encode/zstd", encodeHandler("zstd", "gzip"), "zstd"},
@@ -221,6 +225,7 @@ func BenchmarkCompressionRatio(b *testing.B) {
 		{"sse/identity", sseHandler(quiet), ""},
 		{"sse/gzip", sseHandler(quiet), "gzip"},
 		{"sse/zstd", sseHandler(quiet), "zstd"},
+		{"sse/br", sseHandler(map[string]any{"padding": 0, "heartbeat": 0, "compress": []string{"br"}}), "br"},
 		{"encode/gzip", encodeHandler("gzip"), "gzip"},
 		{"encode/zstd", encodeHandler("zstd"), "zstd"},
 	} {
@@ -256,12 +261,12 @@ func BenchmarkCompressionRatio(b *testing.B) {
 // window), plus the bytes each puts on the wire per event.
 func BenchmarkEventCPU(b *testing.B) {
 	events := realisticEvents(1000)
-	for _, name := range []string{"identity", "gzip", "zstd", "encode-gzip", "encode-zstd"} {
+	for _, name := range []string{"identity", "gzip", "zstd", "br", "encode-gzip", "encode-zstd"} {
 		b.Run(name, func(b *testing.B) {
 			w := &fakeWriter{}
 			c := newClientConn(w, 0)
 			switch name {
-			case "gzip", "zstd":
+			case "gzip", "zstd", "br":
 				if err := c.compress(mustCoding(name)); err != nil {
 					b.Fatal(err)
 				}

@@ -71,6 +71,21 @@ import (
 // 0.317 with a restart every 64 events, 0.330 every 32, 0.409 every 8;
 // zstd 0.316, 0.326, 0.340, 0.417.)
 
+// sharedCodings are the codings a hub compresses once for all clients.
+//
+// Not br: a brotli decoder keeps state across meta-blocks that an encoder
+// started afresh (an epoch start) does not share with a client that has
+// received other bytes before: the ring buffer of the last four distances
+// (andybalholm's Writer codes distances against it), and the position
+// that decides whether a distance is a backward reference or a static
+// dictionary word. So shared bytes would decode differently for clients
+// with different pasts, and a brotli stream cannot hold a second stream
+// header either (unlike zstd frames). andybalholm's matchfinder Encoder
+// avoids both (it never codes a distance against an earlier meta-block's
+// and has no dictionary) but cannot sync-flush. A br client of a hub
+// therefore compresses its own stream (fanoutClient.ownEncoder).
+var sharedCodings = [numCodings]bool{codingGzip: true, codingZstd: true}
+
 // Restart points of a shared compressor; see above.
 const (
 	minEpoch = 8  // events in an epoch before it restarts for a waiting client
@@ -235,9 +250,10 @@ type sharedWriter struct {
 }
 
 // attachShared registers a client of coding c with the hub, and returns
-// its writer (nil for identity, which needs none).
+// its writer (nil for identity, which needs none, and for br, which has an
+// encoder of its own: see sharedCodings).
 func (hb *hub) attachShared(c coding) *sharedWriter {
-	if c == codingIdentity {
+	if !sharedCodings[c] {
 		return nil
 	}
 	hb.mu.Lock()

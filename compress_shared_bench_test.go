@@ -31,7 +31,7 @@ func newBenchHub(tb testing.TB, n int, enc string, perClient bool) *benchHub {
 	}
 	h.logger = zap.NewNop()
 	hb := newHub("bench", "bench", hubConfig{limits: replayLimits{events: 1000}, ids: "auto", maxEventSize: 1 << 20}, h.logger, newMemoryStream(HistoryLimits{Events: 1000}))
-	bh := &benchHub{hb: hb, w: &hubWriter{hub: hb, ctx: context.Background(), lease: Lease{Token: memoryLease}, header: http.Header{"Content-Type": {"text/event-stream"}}}}
+	bh := &benchHub{hb: hb, w: &hubWriter{hub: hb, ctx: context.Background(), lease: Lease{Token: memoryLease}, maxSize: 1 << 20, header: http.Header{"Content-Type": {"text/event-stream"}}}}
 	for range n {
 		c := &fanoutClient{hub: hb, pol: unboundedPolicy(h), encoding: mustCoding(cmp.Or(enc, "identity"))}
 		c.out = newClientConn(wireCounter{ResponseWriter: &fakeWriter{}, n: &c.wire}, 0)
@@ -110,6 +110,7 @@ func BenchmarkFanoutDelivery(b *testing.B) {
 		{"shared-zstd", "zstd", false},
 		{"perclient-gzip", "gzip", true},
 		{"perclient-zstd", "zstd", true},
+		{"perclient-br", "br", true}, // br is never shared (sharedCodings)
 	} {
 		b.Run(v.name, func(b *testing.B) {
 			bh := newBenchHub(b, n, v.enc, v.perClient)
@@ -165,11 +166,11 @@ func BenchmarkFanoutIdleMemory(b *testing.B) {
 	const n = 200
 	warm := realisticEvents(20)
 	results := map[string]float64{}
-	for _, ae := range []string{"", "gzip", "zstd"} {
+	for _, ae := range []string{"", "gzip", "zstd", "br"} {
 		name := cmp.Or(ae, "identity")
 		b.Run(name, func(b *testing.B) {
 			e := newEmitter(b)
-			base := startCaddy(b, fanoutRoute(e, map[string]any{"padding": 2048, "heartbeat": "15s"}))
+			base := startCaddy(b, fanoutRoute(e, map[string]any{"padding": 2048, "heartbeat": "15s", "compress": []string{"zstd", "gzip", "br"}}))
 			tr := &http.Transport{DisableCompression: true, MaxIdleConnsPerHost: -1}
 			defer tr.CloseIdleConnections()
 			emitReady := func() {
@@ -212,8 +213,8 @@ func BenchmarkFanoutIdleMemory(b *testing.B) {
 			}
 		})
 	}
-	if len(results) == 3 {
-		for _, enc := range []string{"gzip", "zstd"} {
+	if len(results) == 4 {
+		for _, enc := range []string{"gzip", "zstd", "br"} {
 			b.Logf("fanout/%s: %.1f KiB/client, %+.1f KiB over fanout/identity", enc, results[enc]/1024, (results[enc]-results["identity"])/1024)
 		}
 	}

@@ -145,7 +145,7 @@ func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
 	hb.mu.Lock()
 	hb.beatLocked()
 	hb.mu.Unlock()
-	same(": heartbeat\n\n")
+	same(": heartbeat\n")
 	join("after a heartbeat", false)
 	emit(len(events) - published)
 
@@ -212,7 +212,7 @@ func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
 		}
 		want, _ := g.plain.state()
 		cut := strings.LastIndex(want, "retry: ")
-		if cut < 0 || !strings.HasSuffix(want, "\n\n") {
+		if cut < 0 || !strings.HasSuffix(want, "\n") {
 			t.Fatalf("%s: no retry hint at the end: %q", g.name, tail(want))
 		}
 		for i, c := range g.z {
@@ -220,7 +220,7 @@ func TestFanoutSharedCompressionJoinPoints(t *testing.T) {
 				continue // identity: g.plain
 			}
 			got, _ := c.state()
-			if gcut := strings.LastIndex(got, "retry: "); gcut != cut || got[:cut] != want[:cut] || !strings.HasSuffix(got, "\n\n") {
+			if gcut := strings.LastIndex(got, "retry: "); gcut != cut || got[:cut] != want[:cut] || !strings.HasSuffix(got, "\n") {
 				t.Fatalf("%s/%s decoded %q at the end, its uncompressed twin %q", g.name, coding(i), tail(got), tail(want))
 			}
 		}

@@ -22,6 +22,7 @@ import (
 
 	"github.com/seed-b7710c89/caddy-sse/internal/sse"
 
+	"github.com/andybalholm/brotli"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/klauspost/compress/zstd"
@@ -89,6 +90,7 @@ func TestCompressOption(t *testing.T) {
 		{nil, ""}, {[]string{"off"}, ""}, {[]string{"gzip", "zstd"}, ""},
 		{[]string{"deflate"}, "compress: unknown encoding 'deflate'"},
 		{[]string{"GZIP"}, "compress: unknown encoding 'GZIP'"},
+		{[]string{"br", "zstd", "gzip"}, ""},
 	} {
 		err := (&Handler{Compress: tc.list}).Validate()
 		if (tc.err == "") != (err == nil) || (err != nil && !strings.HasPrefix(err.Error(), tc.err)) {
@@ -152,6 +154,8 @@ func (c *decodingClient) decode() {
 		}
 		defer zr.Close()
 		dec = zr
+	case "br":
+		dec = brotli.NewReader(c)
 	default:
 		c.setErr(fmt.Errorf("unexpected Content-Encoding %q", ce))
 		return
@@ -271,13 +275,21 @@ func waitNoLiveEncoders(t testing.TB) {
 // Every event must be decodable by the client as soon as it is forwarded,
 // before the backend writes the next one; a partial event is not sent.
 func TestCompressedEventsDecodeOneByOne(t *testing.T) {
-	for _, enc := range []string{"gzip", "zstd"} {
+	for _, enc := range []string{"gzip", "zstd", "br"} {
 		for _, h2 := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/h2=%v", enc, h2), func(t *testing.T) {
 				checkNoLeak(t)
 				b := newScriptedBackend(t)
-				base := startCaddy(t, route("/events", sseHandler(map[string]any{"padding": 512, "retry": "3s", "heartbeat": 0}), proxyTo(b.Addr)))
-				c := openDecoding(t, base+"/events", h2, "br;q=1, "+enc+";q=0.9, identity;q=0.1")
+				fields := map[string]any{"padding": 512, "retry": "3s", "heartbeat": 0}
+				// br is offered only when configured; the others are the
+				// defaults, and a br the client prefers is not used.
+				ae := "br;q=1, " + enc + ";q=0.9, identity;q=0.1"
+				if enc == "br" {
+					fields["compress"] = []string{"zstd", "br", "gzip"}
+					ae = "br;q=1, gzip;q=0.9, identity;q=0.1"
+				}
+				base := startCaddy(t, route("/events", sseHandler(fields), proxyTo(b.Addr)))
+				c := openDecoding(t, base+"/events", h2, ae)
 				if ce := c.Resp.Header.Get("Content-Encoding"); ce != enc {
 					t.Fatalf("Content-Encoding %q, want %q", ce, enc)
 				}
@@ -319,28 +331,29 @@ func TestCompressedEventsDecodeOneByOne(t *testing.T) {
 }
 
 func TestCompressedHeartbeatAndMaxAge(t *testing.T) {
-	for _, enc := range []string{"gzip", "zstd"} {
+	for _, enc := range []string{"gzip", "zstd", "br"} {
 		t.Run(enc, func(t *testing.T) {
 			checkNoLeak(t)
 			b := newScriptedBackend(t)
 			base := startCaddy(t, route("/events", sseHandler(map[string]any{
 				"padding": 0, "heartbeat": "1s", "heartbeat_comment": "hb", "retry": "250ms", "max_age": "2s",
+				"compress": []string{enc},
 			}), proxyTo(b.Addr)))
 			c := openDecoding(t, base+"/events", false, enc)
-			want := "retry: 250\n\n"
+			want := "retry: 250\n"
 			c.waitPlain(t, want)
 			b.send(t, "data: x\n\n")
 			want += "data: x\n\n"
 			c.waitPlain(t, want)
 			// The heartbeat is a sync flush of its own.
-			want += ": hb\n\n"
+			want += ": hb\n"
 			c.waitPlain(t, want)
 			// max_age ends the stream with the retry hint and a trailer.
 			if err := c.waitEnd(t); err != nil {
 				t.Fatalf("decoding the end of the stream: %v", err)
 			}
 			got, _ := c.state()
-			if !strings.HasPrefix(got, want) || !strings.HasSuffix(got, "\n\nretry: 250\n\n") {
+			if !strings.HasPrefix(got, want) || !strings.HasSuffix(got, "\nretry: 250\n") {
 				t.Fatalf("got %q", got)
 			}
 			b.handlerReturned(t, 5*time.Second)
@@ -353,10 +366,10 @@ func TestCompressedHeartbeatAndMaxAge(t *testing.T) {
 // spaces would shrink to a few bytes and not release a buffering middlebox.
 func TestCompressedPaddingKeepsItsSizeOnTheWire(t *testing.T) {
 	for _, padding := range []int{64, 2048, 8192} {
-		for _, enc := range []string{"gzip", "zstd"} {
+		for _, enc := range []string{"gzip", "zstd", "br"} {
 			t.Run(fmt.Sprintf("%s/%d", enc, padding), func(t *testing.T) {
 				b := newScriptedBackend(t)
-				base := startCaddy(t, route("/events", sseHandler(map[string]any{"padding": padding, "heartbeat": 0}), proxyTo(b.Addr)))
+				base := startCaddy(t, route("/events", sseHandler(map[string]any{"padding": padding, "heartbeat": 0, "compress": []string{enc}}), proxyTo(b.Addr)))
 				c := openDecoding(t, base+"/events", false, enc)
 				want := wantPrelude(t, enc, padding, 0)
 				c.waitPlain(t, want)
@@ -525,7 +538,8 @@ func TestCompressedStreamWithCurl(t *testing.T) {
 	if err != nil {
 		t.Skip("curl is not on PATH; skipping the curl --compressed integration test")
 	}
-	for _, enc := range []string{"zstd", "gzip"} {
+	// curl decodes br when built with brotli (Debian's is).
+	for _, enc := range []string{"zstd", "gzip", "br"} {
 		t.Run(enc, func(t *testing.T) {
 			checkNoLeak(t)
 			b := newScriptedBackend(t)
@@ -589,11 +603,11 @@ func TestCompressedStreamWithCurl(t *testing.T) {
 
 // A client that leaves mid-stream ends the stream and releases its encoder.
 func TestCompressedClientLeaves(t *testing.T) {
-	for _, enc := range []string{"gzip", "zstd"} {
+	for _, enc := range []string{"gzip", "zstd", "br"} {
 		t.Run(enc, func(t *testing.T) {
 			checkNoLeak(t)
 			b := newScriptedBackend(t)
-			base := startCaddy(t, route("/events", sseHandler(map[string]any{"heartbeat": "1s"}), proxyTo(b.Addr)))
+			base := startCaddy(t, route("/events", sseHandler(map[string]any{"heartbeat": "1s", "compress": []string{enc}}), proxyTo(b.Addr)))
 			c := openDecoding(t, base+"/events", true, enc)
 			b.request(t)
 			b.send(t, "data: one\n\n")

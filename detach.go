@@ -69,6 +69,11 @@ func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int
 	c.wc = newWireConn(conn, c.pol.writeTimeout, c.poke)
 	c.wc.chunked = true // the header said so (net/http chose it, and wrote the header)
 	c.out = clientConn{w: wireCounter{ResponseWriter: c.wc, n: &c.wire}, rc: http.NewResponseController(c.wc)}
+	if err := c.ownEncoder(); err != nil {
+		c.wc.abort()
+		c.release()
+		return true
+	}
 	if err := c.start(first); err != nil || c.wc.failed() != nil {
 		c.wc.abort()
 		c.release()

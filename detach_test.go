@@ -171,12 +171,14 @@ func TestFanoutMaxAgeEndsEveryKindOfClient(t *testing.T) {
 	checkNoLeak(t)
 	e := newEmitter(t)
 	base := startCaddy(t, fanoutRoute(e, map[string]any{
-		"max_age": "1s", "retry": "250ms", "compress": []string{"gzip", "zstd"}}))
+		"max_age": "1s", "retry": "250ms", "compress": []string{"gzip", "zstd", "br"}}))
 	clients := map[string]*decodingClient{
 		"HTTP/1.1":      openDecoding(t, base+"/events", false, ""),
 		"HTTP/1.1 gzip": openDecoding(t, base+"/events", false, "gzip"),
 		"HTTP/1.1 zstd": openDecoding(t, base+"/events", false, "zstd"),
 		"HTTP/2 gzip":   openDecoding(t, base+"/events", true, "gzip"),
+		"HTTP/1.1 br":   openDecoding(t, base+"/events", false, "br"),
+		"HTTP/2 br":     openDecoding(t, base+"/events", true, "br"),
 	}
 	e.waitJoined(t, 1)
 	waitHubClients(t, base, len(clients))
@@ -185,8 +187,8 @@ func TestFanoutMaxAgeEndsEveryKindOfClient(t *testing.T) {
 		c.waitUntil(t, name+" event", func(s string) bool { return strings.Contains(s, "data: before") })
 	}
 	// Each has an event: the HTTP/1.1 ones got it from a delivery loop.
-	if n := detachedClients(base); n != 3 {
-		t.Fatalf("%d handed-over clients, want the 3 on HTTP/1.1", n)
+	if n := detachedClients(base); n != 4 {
+		t.Fatalf("%d handed-over clients, want the 4 on HTTP/1.1", n)
 	}
 	for name, c := range clients {
 		select {
@@ -198,12 +200,14 @@ func TestFanoutMaxAgeEndsEveryKindOfClient(t *testing.T) {
 		if c.err != nil {
 			t.Fatalf("%s: stream ended with %v, want a clean end", name, c.err)
 		}
-		if !strings.HasSuffix(got, "retry: 250\n\n") {
+		if !strings.HasSuffix(got, "retry: 250\n") {
 			t.Fatalf("%s: did not end with the retry hint: %q", name, tail(got))
 		}
 	}
-	// Every client released: with linger 0 the hub is gone.
+	// Every client released: with linger 0 the hub is gone, and the br
+	// clients' own encoders are back in their pool.
 	waitHubsGone(t, strings.TrimPrefix(base, "http://"))
+	waitNoLiveEncoders(t)
 }
 
 // A fan-out client on HTTP/2 that stops reading is cut off by

@@ -79,6 +79,17 @@ type Fanout struct {
 	// backends that can resume. Never "resend everything".
 	OnUnknownID string `json:"on_unknown_id,omitempty"`
 
+	// OnEnd says what happens when the backend ends its response cleanly
+	// (after a complete event, without an error), as a stream that ends by
+	// design does. "auto" (default): a backend that sends ids is
+	// reconnected with Last-Event-ID (it can resume); otherwise the end is
+	// honoured: the clients' streams end too, with the backend's last
+	// retry (or the configured one), and the next client that connects
+	// opens the backend again. "end": always honour the end. "reconnect":
+	// always reconnect at once, as after a failure. A failure (an error,
+	// or an end in the middle of an event) is always reconnected.
+	OnEnd string `json:"on_end,omitempty"`
+
 	// ResetEvent is the event type of the reset event. Default: sse-reset.
 	ResetEvent string `json:"reset_event,omitempty"`
 
@@ -132,7 +143,8 @@ type Fanout struct {
 type fanoutRuntime struct {
 	broker     Broker
 	policy     *clientPolicy
-	poolPrefix string       // the hub settings, which are part of every pool key
+	poolPrefix string       // what every pool key of this handler starts with
+	cfg        hubConfig    // applied to a hub when this handler first joins it
 	clients    atomic.Int64 // connected clients of this handler
 	hubs       atomic.Int64 // hubs this handler opened and that are not destroyed yet (max_streams)
 }
@@ -192,6 +204,9 @@ func (f *Fanout) provision() {
 	if f.ResetEvent == "" {
 		f.ResetEvent = defaultResetEvent
 	}
+	if f.OnEnd == "" {
+		f.OnEnd = "auto"
+	}
 	if f.ClientQueue == 0 {
 		f.ClientQueue = defaultClientQueue
 	}
@@ -208,13 +223,17 @@ func (h *Handler) fanoutKey(r *http.Request) string {
 	return streamKey(r) // streamkey.go
 }
 
-// hubConfig is what a hub needs of its handler's configuration. Handlers
-// share a hub only when they agree on it (it is part of the pool key).
+// hubConfig is what a hub needs of its handler's configuration. It is
+// not part of the pool key: handlers with other settings (a reload that
+// changes them) share the hub, and the settings of the handler that
+// joined it last apply.
 type hubConfig struct {
 	limits       replayLimits
 	ids          string
 	maxEventSize int
 	heartbeat    time.Duration
+	resetEvent   string // the type of the event that tells clients of a gap
+	onEnd        string
 }
 
 func (h *Handler) hubConfig() hubConfig {
@@ -223,6 +242,8 @@ func (h *Handler) hubConfig() hubConfig {
 		ids:          h.Fanout.IDs,
 		maxEventSize: h.MaxEventSize,
 		heartbeat:    h.heartbeatEvery,
+		resetEvent:   h.Fanout.ResetEvent,
+		onEnd:        h.Fanout.OnEnd,
 	}
 }
 
@@ -276,10 +297,11 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	hb := v.(*hub)
 	c.hub = hb
 
-	joinedAt, ok := hb.join(run, f.MaxClients, r, next)
+	joinedAt, ends, ok := hb.join(run, f.MaxClients, r, next)
 	if !ok {
 		return h.refuse(w, r, "max_clients")
 	}
+	c.ends = ends
 	c.joined = true
 
 	header, status, ok := hb.waitStream(r.Context())
@@ -317,10 +339,11 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		c.sub = nil
 		return h.refuseWith(w, r, errStreamEnded) // shutting down
 	}
+	hb.out[encoding].clients.Add(1) // until release, with c.sub
 	// A compressed client writes what the hub's shared compressor encoded
 	// once for all clients (compress_shared.go); it holds no compressor itself.
 	c.z = hb.attachShared(encoding)
-	first := h.preludeFor(encoding)
+	first := hb.withRetry(h.preludeFor(encoding))
 	if reset {
 		first = append(append([]byte(nil), first...), sse.ResetEvent(f.ResetEvent, lastID)...)
 		hb.logger.Debug("Last-Event-ID not in the replay cache; sent a reset event")
@@ -333,6 +356,9 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		w.WriteHeader(status)
 	}
 	c.out = newClientConn(wireCounter{ResponseWriter: belowIdleTimeout(r.Context(), w), n: &c.wire}, time.Duration(h.WriteTimeout))
+	if err := c.ownEncoder(); err != nil {
+		return err // not expected: an encoder in memory
+	}
 	err = c.run(r.Context(), first)
 	if !c.clean && r.Context().Err() == nil {
 		// Cut off (its next event left the cache, or a write failed): abort

@@ -44,8 +44,10 @@ func (c *fanoutClient) release() {
 	}
 	if c.sub != nil {
 		c.pol.streams.remove(c.sub)
+		c.hub.out[c.encoding].clients.Add(-1)
 	}
 	c.leave()
+	c.out.endEncoding(false) // an own encoder's memory, if endEncoding did not run
 	if c.hub != nil {
 		c.pol.release(c.hub)
 	}
@@ -55,11 +57,23 @@ func (c *fanoutClient) release() {
 }
 
 // endEncoding finishes a compressed stream (gzip trailer, last zstd block)
-// when the stream ended on our side and the client is still there.
+// when the stream ended on our side and the client is still there. A
+// client's own encoder (br) is finished then too, and released in any case.
 func (c *fanoutClient) endEncoding() {
 	if c.z != nil && c.clean {
 		_ = c.z.end(&c.out)
 	}
+	c.out.endEncoding(c.clean)
+}
+
+// ownEncoder gives a client whose coding the hub does not compress for
+// all (br, see sharedCodings) an encoder of its own, once its connection
+// is set up: everything it writes then goes through it.
+func (c *fanoutClient) ownEncoder() error {
+	if c.encoding == codingIdentity || sharedCodings[c.encoding] {
+		return nil
+	}
+	return c.out.compress(c.encoding)
 }
 
 // fanoutClient is one client of a hub: a cursor into the hub's cache and
@@ -73,6 +87,7 @@ type fanoutClient struct {
 	sub        *subscriber
 	cursor     uint64
 	beats      uint64 // the hub's heartbeat count last answered
+	ends       uint64 // the hub's count of honoured backend ends when the client joined
 	encoding   coding
 	z          *sharedWriter // a compressed stream's writer; nil for identity
 	wire       int64         // bytes on the wire, after compression
@@ -96,8 +111,12 @@ func (c *fanoutClient) poke() {
 
 // flushed reports a batch of raw bytes and the wire bytes they became.
 func (c *fanoutClient) flushed(raw int) {
-	c.pol.metrics.bytesWritten(modeFanout, c.encoding, int(c.wire-c.counted), raw)
+	wire := c.wire - c.counted
+	c.pol.metrics.bytesWritten(modeFanout, c.encoding, int(wire), raw)
 	c.counted = c.wire
+	out := &c.hub.out[c.encoding]
+	out.raw.Add(int64(raw))
+	out.wire.Add(wire)
 }
 
 // writeFailed reports a client cut off by write_timeout, and returns err.
@@ -177,7 +196,7 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 		hb.mu.Lock()
 		var ok bool
 		batch, ok = hb.win.after(batch[:0], c.cursor, maxBatch)
-		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil)
+		lag, nowBeats, gone := hb.seq-c.cursor, hb.beats, hb.destroyed || (hb.failed && hb.up == nil) || hb.ends != c.ends
 		wake = hb.wake
 		if c.z != nil {
 			hb.noteWaitingLocked(c.z, batch)
@@ -283,6 +302,9 @@ func (c *fanoutClient) flush(now time.Time) error {
 func (c *fanoutClient) finish(reason endReason) error {
 	c.clean = true
 	hint := c.pol.retryHint
+	if reason == endBackend {
+		hint = c.hub.endRetry(hint)
+	}
 	if reason == endShutdown {
 		base := max(c.pol.retry, time.Second)
 		hint = sse.RetryField(base + rand.N(base))

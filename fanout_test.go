@@ -196,8 +196,14 @@ func TestFanoutSharesOneUpstream(t *testing.T) {
 	if n := e.requests(); n != 1 {
 		t.Fatalf("backend got %d requests for 20 clients of one stream", n)
 	}
-	if got := clients[0].Resp.Header.Get("Content-Type"); got != "text/event-stream" {
-		t.Fatalf("Content-Type %q", got)
+	for _, c := range clients[:2] { // HTTP/1.1 (handed over) and HTTP/2
+		if got := c.Resp.Header.Get("Content-Type"); got != "text/event-stream" {
+			t.Fatalf("%s: Content-Type %q", c.Resp.Proto, got)
+		}
+		// Intermediaries that know the Incremental header do not buffer.
+		if got := c.Resp.Header.Get("Incremental"); got != "?1" {
+			t.Fatalf("%s: Incremental %q, want ?1", c.Resp.Proto, got)
+		}
 	}
 }
 
@@ -276,7 +282,8 @@ func TestFanoutUnknownIDGetsResetEvent(t *testing.T) {
 }
 
 // The backend dies and comes back: connected clients stay connected and
-// see one continuous stream.
+// see one continuous stream, told of the gap by a reset event (the
+// backend has no ids: what it sent while down is lost).
 func TestFanoutSurvivesBackendRestart(t *testing.T) {
 	checkNoLeak(t)
 	e := newEmitter(t)
@@ -296,7 +303,8 @@ func TestFanoutSurvivesBackendRestart(t *testing.T) {
 		e.emit(fmt.Sprintf("data: %d\n\n", i))
 	}
 	for _, c := range []*client{a, b} {
-		if d := datas(waitEvents(t, c, 6)); d != "0,1,2,3,4,5" {
+		evs := waitEvents(t, c, 7)
+		if d := datas(evs); d != "0,1,2,"+evs[2].ID+",3,4,5" || evs[3].Type != defaultResetEvent {
 			t.Fatalf("client saw %q", d)
 		}
 		select {

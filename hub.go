@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -73,17 +74,31 @@ type hub struct {
 	backendIDs bool     // the backend sends ids: resume it with Last-Event-ID
 	lastBackID string   // the last id the backend sent
 	retry      time.Duration
+	// The backend's last retry field, for clients that join after it.
+	retryField []byte
 	reconnects int
 	epoch      string // the broker epoch of the window's events
 	epochSeq   uint64 // the window seq of offset 0 of that epoch
+	down       bool   // the live upstream connection failed: the next one follows a gap
+	gap        bool   // a gap's reset event is due, before the new connection's events
+	ends       uint64 // backend ends honoured (on_end): the clients of before end too
 	heartbeat  *time.Timer
 	destroyed  bool
 	zc         [numCodings]sharedCompressor // one per coding clients use (compress_shared.go)
 	dlOnce     sync.Once
-	dl         []*deliverer // delivery loops of detached clients (detach.go)
+	dl         []*deliverer          // delivery loops of detached clients (detach.go)
+	out        [numCodings]hubOutput // per content coding, for the admin API
 
 	served atomic.Bool   // a client got its stream: only then does linger keep the hub (fanout.go)
 	count  *atomic.Int64 // the max_streams count of the handler that opened it, given back at Destruct
+}
+
+// hubOutput is what a hub's clients of one content coding were sent. Its
+// counters are atomic: clients update them from their own goroutines (the
+// request's or a delivery loop's) without the hub's lock.
+type hubOutput struct {
+	clients   atomic.Int64 // clients streaming now
+	raw, wire atomic.Int64 // bytes written to them, before and after compression
 }
 
 func newHub(poolKey, keyHash string, cfg hubConfig, logger *zap.Logger, stream BrokerStream) *hub {
@@ -174,18 +189,22 @@ func (hb *hub) broadcastLocked() {
 // It returns the last event published before the client joined: the
 // events after it answer the client's request, even those published while
 // it waited for the upstream's header (a backend's welcome event).
-func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next caddyhttp.Handler) (joinedAt uint64, ok bool) {
+// ends is the count of honoured backend ends so far: the client's stream
+// ends at the next one.
+func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next caddyhttp.Handler) (joinedAt, ends uint64, ok bool) {
 	hb.mu.Lock()
-	defer hb.mu.Unlock()
 	if maxClients > 0 && hb.clients >= maxClients {
-		return 0, false
+		hb.mu.Unlock()
+		return 0, 0, false
 	}
 	hb.clients++
+	relimit := false
 	if _, ok := hb.sources[run]; !ok {
+		relimit = hb.applyLocked(run.cfg)
 		tmpl := r.Clone(context.WithoutCancel(r.Context()))
 		tmpl.Body = http.NoBody
 		tmpl.Header.Del("Last-Event-ID")
-		hb.sources[run] = &source{next: next, tmpl: tmpl, added: time.Now()}
+		hb.sources[run] = &source{next: next, tmpl: tmpl, added: time.Now(), route: snapshotRoute(r)}
 		hb.path = r.URL.Path
 	}
 	if hb.failed && hb.up == nil {
@@ -196,7 +215,12 @@ func (hb *hub) join(run *fanoutRuntime, maxClients int, r *http.Request, next ca
 	if (hb.up == nil || hb.up.orphan) && !hb.destroyed {
 		hb.startUpstreamLocked()
 	}
-	return hb.seq, true
+	joinedAt, ends = hb.seq, hb.ends
+	hb.mu.Unlock()
+	if l, ok := hb.stream.(historyLimiter); ok && relimit {
+		l.setLimits(historyLimits(run.cfg.limits)) // a broker, outside the hub's lock
+	}
+	return joinedAt, ends, true
 }
 
 func (hb *hub) leave() {
@@ -265,6 +289,71 @@ func (hb *hub) position(ctx context.Context, lastID string, replayOnConnect int,
 	return joinedAt - back, back, false, false
 }
 
+// withRetry appends to a joining client's first bytes the backend's last
+// retry field: the clients connected when it was sent got it in its
+// event, and a joiner must reconnect with the same delay, not the
+// browser's default.
+func (hb *hub) withRetry(first []byte) []byte {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if hb.retryField == nil {
+		return first
+	}
+	return append(append([]byte(nil), first...), hb.retryField...)
+}
+
+// applyLocked makes cfg the hub's settings: a handler of a new config
+// joined it (a reload), and its settings are the ones that hold now. The
+// cache is kept, and bounded anew (relimit: the broker's history too, by
+// the caller); new events follow the new ids mode and max_event_size
+// (from the next upstream connection, which the new handler's route
+// opens); heartbeats take the new interval.
+func (hb *hub) applyLocked(cfg hubConfig) (relimit bool) {
+	if cfg == hb.cfg {
+		return false
+	}
+	relimit = cfg.limits != hb.cfg.limits
+	hb.cfg = cfg
+	hb.win.limits = cfg.limits
+	hb.win.evict()
+	switch {
+	case cfg.heartbeat <= 0 && hb.heartbeat != nil:
+		hb.heartbeat.Stop()
+		hb.heartbeat = nil
+	case cfg.heartbeat > 0 && hb.heartbeat == nil && hb.header != nil && !hb.destroyed:
+		hb.heartbeat = time.AfterFunc(cfg.heartbeat, hb.onHeartbeat)
+	}
+	return relimit
+}
+
+// historyLimiter is a broker stream whose history bounds can change (the
+// memory broker's): a reload's new buffer settings apply to it.
+type historyLimiter interface {
+	setLimits(HistoryLimits)
+}
+
+// historyLimits are a hub's cache bounds as a broker's history bounds.
+func historyLimits(l replayLimits) HistoryLimits {
+	return HistoryLimits{Events: l.events, Bytes: l.bytes, Age: l.age}
+}
+
+// endRetry is the retry hint of a stream the backend ended: the backend's
+// own last retry, which its clients were sent, or else the configured one.
+func (hb *hub) endRetry(configured []byte) []byte {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	if hb.retryField != nil {
+		return hb.retryField
+	}
+	return configured
+}
+
+// honoursEndLocked reports whether a clean end of the backend's response
+// ends the stream (on_end), rather than being reconnected.
+func (hb *hub) honoursEndLocked() bool {
+	return hb.cfg.onEnd == "end" || (hb.cfg.onEnd == "auto" && !hb.backendIDs)
+}
+
 // streamStarted records the upstream's response and starts heartbeats.
 func (hb *hub) streamStarted(gen uint64, status int, header http.Header) {
 	hb.mu.Lock()
@@ -278,18 +367,43 @@ func (hb *hub) streamStarted(gen uint64, status int, header http.Header) {
 	hb.old.stopAsync()
 	hb.old = nil
 	hb.up.owner.policy.metrics.upstreamConnected(hb.header != nil)
-	if hb.header != nil && !hb.backendIDs {
-		// A new upstream connection to a backend without ids: no way to
-		// know what was missed in between, but clients stay connected and
-		// the cache stays valid up to here.
-		hb.logger.Debug("reconnected to a backend without ids; events sent while disconnected cannot be recovered")
-	}
+	gap := hb.down && hb.seq > 0 && !hb.backendIDs
+	hb.down = false
 	hb.header, hb.status, hb.streamedAt = header, status, time.Now()
 	hb.lastPub = hb.streamedAt
+	hb.gap = gap // its reset event goes first (publishGap)
 	if hb.heartbeat == nil && hb.cfg.heartbeat > 0 {
 		hb.heartbeat = time.AfterFunc(hb.cfg.heartbeat, hb.onHeartbeat)
 	}
 	hb.broadcastLocked()
+}
+
+// publishGap publishes the reset event of a gap, if one is due: the
+// upstream of a backend without ids was re-opened (restart, failover),
+// and what it produced meanwhile is gone. Clients stay connected and the
+// history stays valid up to here, but the gap must not be silent: every
+// client (and every replay across this point) gets the reset event, whose
+// data is the last id before the gap, so a page can refetch its state.
+// It has an id of ours (unless ids upstream), so clients that got it
+// resume after it. A backend with ids is resumed with Last-Event-ID
+// instead: no gap. The connection's header calls it, before its events.
+func (hb *hub) publishGap(ctx context.Context, gen uint64, lease Lease) {
+	hb.pubMu.Lock()
+	defer hb.pubMu.Unlock()
+	hb.mu.Lock()
+	if !hb.gap || gen != hb.liveGen {
+		hb.mu.Unlock()
+		return
+	}
+	hb.gap = false
+	lastID := ""
+	if ev, _ := hb.win.after(nil, hb.seq-1, 1); len(ev) == 1 {
+		lastID = ev[0].id
+	}
+	raw, synthesize := sse.ResetEvent(hb.cfg.resetEvent, lastID), hb.cfg.ids != "upstream"
+	hb.mu.Unlock()
+	hb.logger.Info("reconnected to a backend without ids; events sent while disconnected are lost: sending clients the reset event")
+	hb.store(ctx, lease, raw, "", synthesize)
 }
 
 // onHeartbeat asks the clients to write a heartbeat when the stream has
@@ -301,6 +415,9 @@ func (hb *hub) onHeartbeat() {
 		return
 	}
 	every := hb.cfg.heartbeat
+	if every <= 0 || hb.heartbeat == nil {
+		return // turned off by a reload (applyLocked)
+	}
 	if idle := time.Since(hb.lastPub); idle < every {
 		hb.heartbeat.Reset(every - idle)
 		return
@@ -338,17 +455,29 @@ func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte,
 	if info.HasID() && !info.IDTooLong() {
 		id = string(info.ID())
 	}
-	if info.HasID() {
+	// An empty id (r3labs/sse writes "id: " on every event) only clears
+	// the client's last id: the backend has no ids to resume from, and
+	// under ids auto the event gets one of ours.
+	backendID := info.HasID() && len(info.ID()) > 0
+	if backendID {
 		hb.backendIDs = true
 		hb.lastBackID = id
 	}
 	if info.Retry() >= 0 {
 		hb.retry = time.Duration(min(info.Retry(), int64(maxBackoff/time.Millisecond))) * time.Millisecond
+		hb.retryField = []byte("retry: " + strconv.FormatInt(info.Retry(), 10) + "\n") // a line, as sse.RetryField
 	}
-	synthesize := hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !info.HasID())
+	synthesize := hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !backendID)
 	hb.mu.Unlock()
 
 	// The broker, outside the hub's lock.
+	hb.store(ctx, lease, raw, id, synthesize)
+}
+
+// store appends an event to the broker, with an id of ours when
+// synthesize is set (its own, id, otherwise), then adds it to the window
+// and wakes the clients. pubMu is held, mu is not.
+func (hb *hub) store(ctx context.Context, lease Lease, raw []byte, id string, synthesize bool) {
 	var data []byte
 	var next Position
 	if synthesize {
@@ -360,7 +489,7 @@ func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte,
 		id = SynthesizedID(next)
 		data = sse.WithID(raw, id)
 	} else {
-		data = append([]byte(nil), raw...)
+		data = sse.Terminated(raw)
 	}
 	now := time.Now()
 	pos, err := hb.stream.Append(ctx, lease, StoredEvent{ID: id, Data: data, At: now})
@@ -449,6 +578,21 @@ func (hb *hub) report(now time.Time) streamStatus {
 		Reconnects:    hb.reconnects,
 		Events:        int64(hb.seq),
 	}
+	var codings []string
+	for i := range hb.out {
+		o := &hb.out[i]
+		es := encodingStatus{Encoding: coding(i).String(), Clients: o.clients.Load(), Bytes: o.raw.Load(), WireBytes: o.wire.Load()}
+		if es.Clients == 0 && es.Bytes == 0 {
+			continue // a coding no client of this hub ever used
+		}
+		st.Encodings = append(st.Encodings, es)
+		st.Bytes += es.Bytes
+		st.WireBytes += es.WireBytes
+		if es.Clients > 0 {
+			codings = append(codings, es.Encoding)
+		}
+	}
+	st.Encoding = strings.Join(codings, ",")
 	if ev, _ := hb.win.after(nil, hb.seq-1, 1); len(ev) == 1 {
 		st.LastEventID = formatID([]byte(ev[0].id))
 	}

@@ -137,6 +137,7 @@ func checkOneOf(s string, allowed ...string) error {
 var (
 	idsModes     = []string{"auto", "upstream", "synthesize"}
 	unknownModes = []string{"reset", "backend"}
+	onEndModes   = []string{"auto", "end", "reconnect"}
 )
 
 // validate checks every fan-out option, naming it by its JSON name.
@@ -153,6 +154,7 @@ func (f *Fanout) validate() error {
 		named("fanout: ids", checkOneOf(f.IDs, idsModes...)),
 		named("fanout: replay_on_connect", checkCount(f.ReplayOnConnect)),
 		named("fanout: on_unknown_id", checkOneOf(f.OnUnknownID, unknownModes...)),
+		named("fanout: on_end", checkOneOf(f.OnEnd, onEndModes...)),
 		named("fanout: reset_event", checkCommentLine(f.ResetEvent)),
 		named("fanout: client_queue", checkCount(f.ClientQueue)),
 		named("fanout: max_clients", checkCount(f.MaxClients)),

@@ -120,6 +120,11 @@ func newMetrics(reg prometheus.Registerer) (*sseMetrics, error) {
 	m.replaysMissed = replays.WithLabelValues("missed")
 	m.connectsFirst = connects.WithLabelValues("first")
 	m.reconnects = connects.WithLabelValues("reconnect")
+	// The refusal series exist at 0 from the start, as documented, so that
+	// a dashboard or an alert on them works before the first refusal.
+	for _, limit := range refusalLimits {
+		m.refused.WithLabelValues(limit)
+	}
 	return m, nil
 }
 
@@ -245,8 +250,13 @@ func (m *sseMetrics) slowClientCut(mode streamMode) {
 	}
 }
 
+// refusalLimits are the values of clients_refused_total's limit label:
+// the fan-out options whose limit refuses clients (Handler.refuse).
+var refusalLimits = []string{"max_clients", "max_clients_total", "max_streams"}
+
 // clientRefused counts a client refused by a limit; limit is the name of
-// the configuration field (a constant, never a value from a request).
+// the configuration field (a constant, never a value from a request), one
+// of refusalLimits.
 func (m *sseMetrics) clientRefused(limit string) {
 	if m != nil {
 		m.refused.WithLabelValues(limit).Inc()

@@ -217,7 +217,7 @@ func TestMetricsPassthroughStream(t *testing.T) {
 	oc.waitMetricEq(t, 3, "caddy_sse_events_total", pt...)
 
 	// An idle second: a heartbeat.
-	c.waitSuffix(t, ": heartbeat\n\n")
+	c.waitSuffix(t, ": heartbeat\n")
 	oc.waitMetric(t, 5*time.Second, func(v float64) bool { return v >= 1 }, ">= 1", "caddy_sse_heartbeats_total", pt...)
 
 	// Every byte the client got was counted, once, as identity.
@@ -225,7 +225,7 @@ func TestMetricsPassthroughStream(t *testing.T) {
 	got := c.waitEOF(t, 5*time.Second)
 	oc.waitMetricEq(t, 0, "caddy_sse_streams_active", pt...)
 	oc.waitMetricEq(t, 0, "caddy_sse_clients_active", pt...)
-	beats := float64(bytes.Count(got, []byte(": heartbeat\n\n")))
+	beats := float64(bytes.Count(got, []byte(": heartbeat\n")))
 	oc.waitMetricEq(t, beats, "caddy_sse_heartbeats_total", pt...)
 	id := []string{"mode", "passthrough", "encoding", "identity"}
 	oc.waitMetricEq(t, float64(len(got)), "caddy_sse_bytes_written_total", id...)

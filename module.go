@@ -50,8 +50,11 @@ type Handler struct {
 	// events. Default: 15s. 0 disables heartbeats; otherwise at least 1s.
 	Heartbeat *caddy.Duration `json:"heartbeat,omitempty"`
 
-	// HeartbeatComment is the text of the heartbeat comment line
-	// (written as ": <text>" followed by a blank line). Default: "heartbeat".
+	// HeartbeatComment is the text of the heartbeat comment line, written
+	// as ": <text>" and a line end, without a blank line after it: the
+	// plugin never adds a dispatch boundary of its own, since some clients
+	// (fetch-event-source) dispatch an empty message for every blank line.
+	// Default: "heartbeat".
 	HeartbeatComment string `json:"heartbeat_comment,omitempty"`
 
 	// Padding is the size in bytes of one comment block written as the very
@@ -100,9 +103,9 @@ type Handler struct {
 	Compress []string `json:"compress,omitempty"`
 
 	heartbeatEvery time.Duration
-	heartbeatBytes []byte // ": <comment>\n\n"
+	heartbeatBytes []byte // ": <comment>\n", no blank line (see HeartbeatComment)
 	prelude        []byte // padding block and retry field, written first
-	retryHint      []byte // "retry: N\n\n", or nil
+	retryHint      []byte // "retry: N\n", or nil
 	logger         *zap.Logger
 	streams        *streamSet
 	metrics        *sseMetrics    // nil without a metrics registry (metrics.go)
@@ -142,7 +145,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxEventSize == 0 {
 		h.MaxEventSize = defaultMaxEventSize
 	}
-	h.heartbeatBytes = []byte(": " + h.HeartbeatComment + "\n\n")
+	h.heartbeatBytes = []byte(": " + h.HeartbeatComment + "\n")
 	if h.Retry > 0 {
 		h.retryHint = sse.RetryField(time.Duration(h.Retry))
 	}
@@ -154,9 +157,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.Fanout.provision()
 		h.fan = new(fanoutRuntime)
 		h.fan.policy = h.newClientPolicy(&h.fan.clients)
-		// Handlers share a hub only when they agree on its settings and
-		// its broker (LoadModule below forgets the raw config).
-		h.fan.poolPrefix = fmt.Sprintf("%v\x00%s\x00", h.hubConfig(), h.Fanout.BrokerRaw)
+		// The hub settings are not part of the pool key: a reload that
+		// changes them keeps the hub and its cache, and the new handler's
+		// settings apply to it (hub.join). Its broker is: a history
+		// cannot move from one broker to another (LoadModule below
+		// forgets the raw config).
+		h.fan.cfg = h.hubConfig()
+		h.fan.poolPrefix = fmt.Sprintf("%s\x00", h.Fanout.BrokerRaw)
 		h.fan.broker = new(MemoryBroker)
 		if h.Fanout.BrokerRaw != nil {
 			mod, err := ctx.LoadModule(h.Fanout, "BrokerRaw")

@@ -117,9 +117,10 @@ type endReason string
 
 const (
 	endBackend    endReason = "backend ended the stream"
+	endClientGone endReason = "client went away"
 	endClient     endReason = "client write failed"
 	endMaxAge     endReason = "max_age reached"
-	endShutdown   endReason = "server shutting down"
+	endShutdown   endReason = "config reload or server shutdown"
 	endNotStarted endReason = "server shutting down before the stream started"
 )
 
@@ -129,6 +130,7 @@ const (
 // heartbeat and the end of the stream take the same lock).
 type stream struct {
 	h       *Handler
+	client  context.Context // the client's request: done when it goes away
 	cancel  context.CancelCauseFunc
 	logger  *zap.Logger
 	started time.Time
@@ -154,6 +156,7 @@ func (h *Handler) startStream(w http.ResponseWriter, r *http.Request, status int
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	s := &stream{
 		h:       h,
+		client:  r.Context(),
 		cancel:  cancel,
 		logger:  h.logger.With(zap.String("path", r.URL.Path), zap.String("remote_ip", remoteIP(r))),
 		started: time.Now(),
@@ -307,7 +310,7 @@ func (s *stream) closeLocked(reason endReason, cause error) {
 	s.closed = true
 	s.reason = reason
 	s.stopTimers()
-	s.out.endEncoding(reason != endClient) // a trailer, unless the client is gone
+	s.out.endEncoding(reason != endClient && reason != endClientGone) // a trailer, unless the client is gone
 	s.cancel(cause)
 }
 
@@ -327,6 +330,11 @@ func (s *stream) finish() (endedByPlugin bool) {
 	s.h.streams.remove(s)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if !s.closed && s.client.Err() != nil {
+		// The client left: the handler behind returned because its
+		// context ended, not because the backend ended the stream.
+		s.closeLocked(endClientGone, nil)
+	}
 	if !s.closed {
 		if s.frame.Held() > 0 {
 			s.logger.Warn("backend ended the stream in the middle of an event; EventSource discards it",

@@ -42,6 +42,7 @@ func TestStreamHeadersAndPaddingBeforeFirstEvent(t *testing.T) {
 				"Content-Type":      "text/event-stream",
 				"Cache-Control":     "no-cache, no-transform",
 				"X-Accel-Buffering": "no",
+				"Incremental":       "?1", // RFC 10036: intermediaries that know it do not buffer
 				"Content-Length":    "",
 			}
 			for k, v := range want {
@@ -130,7 +131,7 @@ func TestHeartbeatOnIdleStreamOnlyAtBoundaries(t *testing.T) {
 	// out, because the wire is at an event boundary.
 	b.send(t, "data: sec")
 	c.waitFor(t, 3*time.Second, "heartbeat", func(got []byte) bool {
-		return bytes.HasSuffix(got, []byte("data: first\n\n: hb\n\n"))
+		return bytes.HasSuffix(got, []byte("data: first\n\n: hb\n"))
 	})
 	b.send(t, "ond\n\n")
 	got := c.waitSuffix(t, "data: second\n\n")
@@ -163,7 +164,7 @@ func TestOversizeEventStreamsWithoutHeartbeatInside(t *testing.T) {
 	}
 	// Back at a boundary, heartbeats resume.
 	c.waitFor(t, 3*time.Second, "heartbeat after the event", func(got []byte) bool {
-		return bytes.HasSuffix(got, []byte("data: small\n\n: heartbeat\n\n"))
+		return bytes.HasSuffix(got, []byte("data: small\n\n: heartbeat\n"))
 	})
 }
 
@@ -339,7 +340,7 @@ func TestMaxAgeEndsStreamWithRetryHint(t *testing.T) {
 	if age := time.Since(start); age < 800*time.Millisecond {
 		t.Fatalf("stream ended after %s, before 80%% of max_age", age)
 	}
-	if string(got) != "retry: 250\n\ndata: a\n\nretry: 250\n\n" {
+	if string(got) != "retry: 250\ndata: a\n\nretry: 250\n" {
 		t.Fatalf("got %q", got)
 	}
 	b.handlerReturned(t, 5*time.Second)
@@ -367,7 +368,7 @@ func TestReloadEndsOpenStreams(t *testing.T) {
 	reloaded := make(chan struct{})
 	go func() { load("2s"); close(reloaded) }()
 	got := c.waitEOF(t, 5*time.Second)
-	if string(got) != "retry: 1000\n\ndata: a\n\nretry: 1000\n\n" {
+	if string(got) != "retry: 1000\ndata: a\n\nretry: 1000\n" {
 		t.Fatalf("old stream got %q", got)
 	}
 	select {
@@ -377,7 +378,7 @@ func TestReloadEndsOpenStreams(t *testing.T) {
 	}
 	b.handlerReturned(t, 5*time.Second)
 	c2 := openStream(t, "http://"+addr+"/events", false)
-	c2.waitSuffix(t, "retry: 2000\n\n")
+	c2.waitSuffix(t, "retry: 2000\n")
 }
 
 // A server's own timeouts do not cut streams, in either mode and on

@@ -5,7 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/seed-b7710c89/caddy-sse/internal/sse"
@@ -42,6 +45,74 @@ type source struct {
 	next  caddyhttp.Handler
 	tmpl  *http.Request
 	added time.Time
+	route routeState // what the route before sse set on the first request
+}
+
+// routeState is what the handlers and matchers before sse left in a
+// request's context for the handlers after it: Caddy's vars (where `root`
+// and `vars` put their values, php_fastcgi and file_server read root
+// there), the placeholders they set on the replacer (regexp captures,
+// `map`), which route groups matched, and the request as it arrived. The
+// upstream request is made with a fresh replacer and vars (the client it
+// was cloned from keeps using its own), so without carrying these the
+// rest of the route would see another request: php_fastcgi's
+// DOCUMENT_ROOT would be Caddy's working directory.
+type routeState struct {
+	vars   map[string]any
+	groups map[string]struct{}
+	repl   *caddy.Replacer
+	orig   any // the caddyhttp.OriginalRequestCtxKey value
+}
+
+// routeGroupCtxKey is caddyhttp's key of the matched route groups
+// (unexported there; a caddy.CtxKey is a string, so this is the same key).
+const routeGroupCtxKey = caddy.CtxKey("route_group")
+
+// snapshotRoute copies r's route state, on r's own goroutine: vars and
+// groups are plain maps that r's handlers may still change.
+func snapshotRoute(r *http.Request) routeState {
+	ctx := r.Context()
+	var st routeState
+	if vars, ok := ctx.Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+		st.vars = maps.Clone(vars)
+	}
+	if groups, ok := ctx.Value(routeGroupCtxKey).(map[string]struct{}); ok {
+		st.groups = maps.Clone(groups)
+	}
+	st.repl, _ = ctx.Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	st.orig = ctx.Value(caddyhttp.OriginalRequestCtxKey)
+	return st
+}
+
+// apply gives req, fresh from caddyhttp.PrepareRequest, the route state.
+func (st routeState) apply(req *http.Request) *http.Request {
+	ctx := req.Context()
+	if vars, ok := ctx.Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+		for k, v := range st.vars {
+			if k != "start_time" { // this request's own
+				vars[k] = v
+			}
+		}
+	}
+	if st.groups != nil {
+		ctx = context.WithValue(ctx, routeGroupCtxKey, maps.Clone(st.groups))
+	}
+	if st.orig != nil {
+		ctx = context.WithValue(ctx, caddyhttp.OriginalRequestCtxKey, st.orig)
+	}
+	if repl, ok := ctx.Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok && st.repl != nil {
+		// Last in line: only what this request's own placeholders do not
+		// answer (its http.* are about the same request). The client's
+		// replacer is safe to read concurrently; its response and error
+		// placeholders are that client's, not this request's.
+		repl.Map(func(key string) (any, bool) {
+			if strings.HasPrefix(key, "http.response.") || strings.HasPrefix(key, "http.error") {
+				return nil, false
+			}
+			return st.repl.Get(key)
+		})
+	}
+	return req.WithContext(ctx)
 }
 
 // startUpstreamLocked runs the upstream through the newest source. A
@@ -99,7 +170,8 @@ func (hb *hub) dropSource(run *fanoutRuntime) {
 // one continuous stream. A backend answer that is not a stream ends it.
 func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 	defer close(u.done)
-	backoff := time.Duration(0)
+	attempt := 0 // reconnects since the backend last sent an event
+	leadBackoff := time.Duration(0)
 	for {
 		// Only the lease holder runs the upstream (the memory broker always
 		// grants it). A node without the lease asks again later.
@@ -110,18 +182,26 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 			if ctx.Err() != nil {
 				return
 			}
-			backoff = min(max(2*backoff, 500*time.Millisecond), maxBackoff)
-			hb.logger.Debug("not leading this stream; asking again later", zap.Duration("after", backoff), zap.Error(err))
-			if !sleepCtx(ctx, backoff) {
+			leadBackoff = min(max(2*leadBackoff, 500*time.Millisecond), maxBackoff)
+			hb.logger.Debug("not leading this stream; asking again later", zap.Duration("after", leadBackoff), zap.Error(err))
+			if !sleepCtx(ctx, leadBackoff) {
 				return
 			}
 			continue
 		}
-		streamed, notStream, err := hb.connect(ctx, src, u.gen, lease)
+		leadBackoff = 0
+		res, err := hb.connect(ctx, src, u.gen, lease)
+		notStream, clean := res.notStream, res.clean
 		if ctx.Err() != nil {
 			return
 		}
 		hb.mu.Lock()
+		if hb.liveGen == u.gen {
+			// After a failure, what the backend sends until the next
+			// connection streams is lost. A clean end is the backend's
+			// own decision: what it starts anew is no gap.
+			hb.down = !clean
+		}
 		if hb.up != u || u.orphan {
 			// Replaced, or its config is gone: a newer upstream (or the next
 			// client) takes over.
@@ -129,6 +209,17 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 				hb.up = nil
 			}
 			hb.mu.Unlock()
+			return
+		}
+		if clean && hb.header != nil && hb.honoursEndLocked() {
+			// The stream ended by design: end its clients (with the
+			// backend's retry) rather than republish it; the next client
+			// opens it again.
+			hb.up = nil
+			hb.ends++
+			hb.broadcastLocked()
+			hb.mu.Unlock()
+			hb.logger.Info("backend ended its stream; ending its clients (on_end)")
 			return
 		}
 		u.owner.policy.metrics.upstreamFailed()
@@ -141,14 +232,17 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 			hb.logger.Warn("backend did not answer with an event stream; closing its clients", zap.Error(err))
 			return
 		}
-		// The backend's retry (or 500ms) after a stream that lasted; doubling
-		// up to maxBackoff while it keeps failing or ending at once.
-		base := cmp.Or(hb.retry, 500*time.Millisecond)
-		if streamed && time.Since(hb.streamedAt) > 10*time.Second {
-			backoff = base
-		} else {
-			backoff = min(max(2*backoff, base), maxBackoff)
+		// The backend's retry (or 500ms), doubling while it keeps failing
+		// or ending before an event, up to maxReconnect (or its retry, if
+		// longer); back to the start once it sends an event. Full jitter
+		// (anywhere from 0 to that), so that the hubs of a backend that
+		// restarted do not come back all at once.
+		if res.events > 0 {
+			attempt = 0
 		}
+		base := cmp.Or(hb.retry, 500*time.Millisecond)
+		backoff := reconnectJitter(min(base<<attempt, max(maxReconnect, base)))
+		attempt = min(attempt+1, 16)
 		hb.reconnects++
 		hb.mu.Unlock()
 		hb.logger.Info("backend stream ended; reconnecting", zap.Duration("after", backoff), zap.Error(err))
@@ -170,12 +264,35 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+// maxReconnect bounds the delay between upstream reconnects (unless the
+// backend's retry is longer): clients are waiting meanwhile.
+const maxReconnect = 5 * time.Second
+
+// reconnectJitter picks the delay before a reconnect, up to limit: full
+// jitter. A variable so that tests can see the limits.
+var reconnectJitter = func(limit time.Duration) time.Duration {
+	return rand.N(limit + 1)
+}
+
+// connResult is how one upstream connection went.
+type connResult struct {
+	streamed  bool // the backend answered with a stream
+	notStream bool // the backend answered with something else
+	clean     bool // the stream ended without an error, after a complete event
+	events    int  // events the backend sent
+}
+
+// errUpstreamAborted is a handler behind sse that aborted the response
+// (reverse_proxy does when the backend's stream breaks).
+var errUpstreamAborted = errors.New("sse: upstream response aborted")
+
 // connect runs one upstream request through the handler's route.
-func (hb *hub) connect(ctx context.Context, src *source, gen uint64, lease Lease) (streamed, notStream bool, err error) {
+func (hb *hub) connect(ctx context.Context, src *source, gen uint64, lease Lease) (res connResult, err error) {
 	hw := &hubWriter{hub: hb, ctx: ctx, gen: gen, lease: lease, header: make(http.Header)}
 	req := src.tmpl.Clone(ctx)
 	req.Header.Del("Accept-Encoding")
 	hb.mu.Lock()
+	hw.maxSize = hb.cfg.maxEventSize // a reload may change it (applyLocked)
 	if hb.backendIDs && hb.lastBackID != "" {
 		req.Header.Set("Last-Event-ID", hb.lastBackID)
 	}
@@ -184,16 +301,25 @@ func (hb *hub) connect(ctx context.Context, src *source, gen uint64, lease Lease
 	// A fresh replacer and vars: the client whose request this was made
 	// from may still be using its own.
 	req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), hw, server)
+	req = src.route.apply(req)
 	func() {
 		defer func() {
-			if rec := recover(); rec != nil && rec != http.ErrAbortHandler {
+			switch rec := recover(); {
+			case rec == http.ErrAbortHandler:
+				err = errUpstreamAborted
+			case rec != nil:
 				err = fmt.Errorf("upstream handler panicked: %v", rec)
 			}
 		}()
 		err = src.next.ServeHTTP(hw, req)
 	}()
-	hw.finish()
-	return hw.streaming, hw.notStream, err
+	partial := hw.finish()
+	return connResult{
+		streamed:  hw.streaming,
+		notStream: hw.notStream,
+		clean:     hw.streaming && err == nil && !partial,
+		events:    hw.events,
+	}, err
 }
 
 // hubWriter is the ResponseWriter the upstream request writes into: it
@@ -209,6 +335,8 @@ type hubWriter struct {
 	notStream   bool
 	frame       sse.Framer
 	oversize    bool // dropping the rest of an event larger than max_event_size
+	events      int  // events published
+	maxSize     int  // max_event_size when it connected
 }
 
 func (w *hubWriter) Header() http.Header { return w.header }
@@ -224,6 +352,7 @@ func (w *hubWriter) WriteHeader(status int) {
 	}
 	w.streaming = true
 	w.hub.streamStarted(w.gen, status, w.header.Clone())
+	w.hub.publishGap(w.ctx, w.gen, w.lease)
 }
 
 var errNotStream = errors.New("sse: upstream response is not an event stream")
@@ -235,6 +364,12 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 	if w.notStream {
 		return 0, errNotStream
 	}
+	if err := w.ctx.Err(); err != nil {
+		// The upstream was stopped. Not every transport ends its response
+		// when its request's context does (php_fastcgi reads on while
+		// php-fpm writes): failing the write is what ends it.
+		return 0, err
+	}
 	start := 0
 	for off := 0; off < len(p); {
 		n, complete := w.frame.Next(p[off:])
@@ -245,7 +380,7 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 		switch chunk := p[start:off]; {
 		case w.oversize:
 			w.frame.Drop()
-		case w.frame.Held()+len(chunk) > w.hub.cfg.maxEventSize:
+		case w.frame.Held()+len(chunk) > w.maxSize:
 			w.dropOversize()
 			w.frame.Drop()
 		default:
@@ -258,7 +393,7 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 	rest := p[start:]
 	switch {
 	case len(rest) == 0 || w.oversize:
-	case w.frame.Held()+len(rest) > w.hub.cfg.maxEventSize:
+	case w.frame.Held()+len(rest) > w.maxSize:
 		w.dropOversize()
 		w.oversize = true
 		w.frame.Drop()
@@ -270,7 +405,7 @@ func (w *hubWriter) Write(p []byte) (int, error) {
 
 func (w *hubWriter) dropOversize() {
 	w.hub.logger.Warn("dropping an event larger than max_event_size: fan-out delivers and caches whole events only",
-		zap.Int("max_event_size", w.hub.cfg.maxEventSize))
+		zap.Int("max_event_size", w.maxSize))
 }
 
 func (w *hubWriter) publish(raw []byte) {
@@ -281,16 +416,21 @@ func (w *hubWriter) publish(raw []byte) {
 	if !info.HasFields() {
 		return // the backend's own heartbeats: the hub sends its own
 	}
+	w.events++
 	w.hub.publish(w.ctx, w.gen, w.lease, raw, info)
 }
 
 // FlushError: events are published as they complete; nothing to flush.
 func (w *hubWriter) FlushError() error { return nil }
 
-// finish drops an unfinished event left when the upstream ended.
-func (w *hubWriter) finish() {
+// finish drops an unfinished event left when the upstream ended, and
+// reports whether there was one: an end in the middle of an event is a
+// failure, not a clean end.
+func (w *hubWriter) finish() (partial bool) {
+	partial = w.frame.Held() > 0 || w.oversize
 	if w.frame.Held() > 0 {
 		w.hub.logger.Debug("backend stream ended in the middle of an event; dropped it", zap.Int("bytes", w.frame.Held()))
 	}
 	w.frame.Drop()
+	return partial
 }

@@ -102,8 +102,10 @@ func TestReplayDoesNotRetainEvicted(t *testing.T) {
 func TestWithIDBeforeTheBlankLine(t *testing.T) {
 	for in, want := range map[string]string{
 		"data: x\n\n":        "data: x\nid: 7\n\n",
-		"data: x\r\n\r\n":    "data: x\r\nid: 7\n\r\n",
-		"data: x\r\r":        "data: x\rid: 7\n\r",
+		"data: x\r\n\r\n":    "data: x\r\nid: 7\r\n\r\n",
+		"data: x\r\n\r":      "data: x\r\nid: 7\r\n\r\n", // the LF comes with the next event
+		"data: x\r\r":        "data: x\rid: 7\r\r",
+		"data: x\r\n\n":      "data: x\r\nid: 7\r\n\n",
 		"id: 1\ndata: x\n\n": "id: 1\ndata: x\nid: 7\n\n",
 	} {
 		got := string(sse.WithID([]byte(in), "7"))

@@ -91,7 +91,7 @@ func stream(first, last uint64, skip map[uint64]bool) []byte {
 			ev = bytes.ReplaceAll(ev, []byte("\n"), []byte("\r\n"))
 		}
 		b = append(b, ev...)
-		b = append(b, ": heartbeat\n\n"...)
+		b = append(b, ": heartbeat\n"...)
 	}
 	return b
 }

@@ -74,7 +74,15 @@ class SSEParser {
   processLine(line) {
     const b = this.b;
     if (line === '') { this.dispatch(); return; }
-    if (line[0] === ':') { b.comments.push(line.slice(1)); b.commentBytes += line.length + 1; return; }
+    if (line[0] === ':') {
+      b.comments.push(line.slice(1)); b.commentBytes += line.length + 1;
+      // The plugin writes its comments (padding, heartbeats) as lines at an
+      // event boundary with no blank line after them, so that no client
+      // dispatches an empty message: show such a comment when it arrives,
+      // not with the next event.
+      if (b.fields === 0) this.dispatch();
+      return;
+    }
     const c = line.indexOf(':');
     const name = c < 0 ? line : line.slice(0, c);
     let value = c < 0 ? '' : line.slice(c + 1);
