@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/sse"
 )
 
 // A backend that writes far more than client_queue events at once (a
@@ -92,7 +94,7 @@ func TestFanoutRefusalEventSourceComesBack(t *testing.T) {
 			t.Fatalf("refused EventSource (h2 %v) got %d %q", h2, c.Resp.StatusCode, c.Resp.Header.Get("Content-Type"))
 		}
 		var ms int
-		if _, err := fmt.Sscanf(got, "retry: %d\n\n", &ms); err != nil || got != fmt.Sprintf("retry: %d\n\n", ms) || ms < 2000 || ms >= 4000 {
+		if _, err := fmt.Sscanf(got, "retry: %d", &ms); err != nil || got != string(sse.RetryField(time.Duration(ms)*time.Millisecond)) || ms < 2000 || ms >= 4000 {
 			t.Fatalf("refused EventSource (h2 %v) got body %q, want one retry field in [2000, 4000)", h2, got)
 		}
 		retries[got] = true
@@ -276,7 +278,7 @@ func TestFanoutHandedOverStreamIsChunked(t *testing.T) {
 		e.emit("data: two\n\n")
 		body, ended := splitChunked(t, readAllRaw(t, conn, 5*time.Second))
 		evs, _, _ := parseEvents(body)
-		if !ended || datas(evs) != "one,two" || !bytes.HasSuffix(body, []byte("retry: 250\n\n")) {
+		if !ended || datas(evs) != "one,two" || !bytes.HasSuffix(body, sse.RetryField(250*time.Millisecond)) {
 			t.Fatalf("clean end: last chunk %v, body %q", ended, body)
 		}
 	})
