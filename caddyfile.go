@@ -53,6 +53,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			client_queue      <events>
 //			max_clients       <clients>
 //			max_clients_total <clients>
+//			max_streams       <streams>
 //			any_accept
 //		}
 //	}
@@ -237,6 +238,7 @@ var fanoutUsage = map[string]string{
 	"client_queue":      "<events>",
 	"max_clients":       "<clients>",
 	"max_clients_total": "<clients>",
+	"max_streams":       "<streams>",
 	"any_accept":        "(a flag, no arguments)",
 	"cluster":           "redis { address <url>; prefix <prefix>; lease_ttl <duration> } (a block)",
 }
@@ -320,6 +322,8 @@ func (f *Fanout) unmarshalOption(opt string, args []string) error {
 		f.MaxClients, err = parseCount(val, 0)
 	case "max_clients_total":
 		f.MaxClientsTotal, err = parseCount(val, 0)
+	case "max_streams":
+		f.MaxStreams, err = parseCount(val, 1) // 0 would be the default in JSON
 	}
 	return err
 }

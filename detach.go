@@ -26,9 +26,15 @@ import (
 // A write the socket cannot take at once is finished by a goroutine of its
 // own (wireConn.drain), so that one slow reader never holds up the loop.
 //
-// The response is delimited by the end of the connection, not chunked
-// ("Transfer-Encoding: identity" tells net/http so), as the SSE spec
-// suggests: there is then no framing to write around each event.
+// The response stays chunked, one chunk per write, and only a clean end
+// writes the last chunk: were it delimited by the end of the connection,
+// a connection cut midway would look like a clean end, and clients that
+// take a clean end as "done" (fetch-event-source) would never reconnect.
+// Nor does it say "Connection: close": Node's HTTP client (undici, under
+// fetch-event-source) takes the end of such a connection as the end of
+// the response, chunked or not. The connection is closed after the
+// stream all the same; a client that would reuse it finds it closed, as
+// after any keep-alive timeout.
 //
 // HTTP/2 and HTTP/3 streams, TLS connections and HTTP/1.0 stay on their
 // request goroutine (run).
@@ -46,15 +52,14 @@ func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int
 	if !ok {
 		return false
 	}
-	w.Header().Set("Transfer-Encoding", "identity")
-	w.WriteHeader(status)
+	w.WriteHeader(status) // chunked: net/http frames the body of an HTTP/1.1 response of unknown length
 	c.headerSent = true
 	if err := http.NewResponseController(w).Flush(); err != nil {
 		return true // the client is gone; nothing more to do
 	}
 	conn, brw, err := hj.Hijack()
 	if err != nil {
-		// The header is out, unchunked: the stream goes on from here.
+		// The header is out: the stream goes on from here, chunked by net/http.
 		c.pol.logger.Debug("could not take over a fan-out connection; serving it on its request", zap.Error(err))
 		return false
 	}
@@ -62,6 +67,7 @@ func (c *fanoutClient) detach(w http.ResponseWriter, r *http.Request, status int
 	// Deadlines net/http or Caddy set for the request no longer apply.
 	_ = conn.SetDeadline(time.Time{})
 	c.wc = newWireConn(conn, c.pol.writeTimeout, c.poke)
+	c.wc.chunked = true // the header said so (net/http chose it, and wrote the header)
 	c.out = clientConn{w: wireCounter{ResponseWriter: c.wc, n: &c.wire}, rc: http.NewResponseController(c.wc)}
 	if err := c.ownEncoder(); err != nil {
 		c.wc.abort()
@@ -160,13 +166,15 @@ func (c *fanoutClient) serveDetached(batch []*event) (done bool, _ []*event) {
 	default:
 	}
 	if c.wc.draining() {
-		// The client has not taken its last write yet: no more for now. It
-		// still falls behind, or is ended, like any other.
+		// The client has not taken its last write yet: no more for now.
+		// The drain is bounded by write_timeout; being behind is not being
+		// slow (step), but a client whose next event left the cache is cut
+		// like any other, so that write_timeout off cannot hold it forever.
 		if ended {
 			return true, batch
 		}
-		if lag := c.hub.lag(c.cursor); lag > c.pol.queue {
-			c.cutBehind(lag, false)
+		if lag, out := c.hub.fellOut(c.cursor); out {
+			c.cutBehind(lag, true)
 			return true, batch
 		}
 		return false, batch

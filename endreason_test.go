@@ -99,7 +99,7 @@ func TestMetricsRefusedPresentAtZero(t *testing.T) {
 	checkNoLeak(t)
 	e := newEmitter(t)
 	oc := startObservedCaddy(t, fanoutRoute(e, nil))
-	for _, limit := range []string{"max_clients", "max_clients_total"} {
+	for _, limit := range []string{"max_clients", "max_clients_total", "max_streams"} {
 		v, found := oc.metric(t, "caddy_sse_clients_refused_total", "limit", limit)
 		if !found || v != 0 {
 			t.Errorf("caddy_sse_clients_refused_total{limit=%q}: %v (found: %v), want 0", limit, v, found)

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"sync/atomic"
@@ -23,6 +24,7 @@ const (
 	defaultLinger       = 30 * time.Second
 	defaultClientQueue  = 256
 	defaultResetEvent   = "sse-reset"
+	defaultMaxStreams   = 1000
 	maxBatch            = 256 // events written to a client before one flush
 	maxBackoff          = 30 * time.Second
 )
@@ -91,10 +93,13 @@ type Fanout struct {
 	// ResetEvent is the event type of the reset event. Default: sse-reset.
 	ResetEvent string `json:"reset_event,omitempty"`
 
-	// ClientQueue is how many events a client may fall behind the live
-	// stream before it is disconnected (it reconnects and catches up from
-	// the cache), so one slow reader never holds back the others.
-	// Default: 256.
+	// ClientQueue is accepted for compatibility and no longer used. It was
+	// how many events a client could fall behind before it was cut, which
+	// cut every client, however fast, when a backend wrote a burst. A
+	// client is now cut when its bytes stop leaving (a write not done
+	// within write_timeout) or when its next event left the cache (it then
+	// resumes from its Last-Event-ID); the cache bounds what it can be
+	// behind, so one slow reader never holds back the others.
 	ClientQueue int `json:"client_queue,omitempty"`
 
 	// MaxClients limits the clients of one key; MaxClientsTotal those of
@@ -102,6 +107,16 @@ type Fanout struct {
 	// Default: 0, no limit.
 	MaxClients      int `json:"max_clients,omitempty"`
 	MaxClientsTotal int `json:"max_clients_total,omitempty"`
+
+	// MaxStreams limits the hubs this handler opens: distinct keys, each
+	// with its own upstream connection and replay cache. Past it, a client
+	// whose key has no hub yet is refused as past MaxClients; clients of
+	// existing hubs are not. With BufferBytes it bounds the handler's cache
+	// memory: at most MaxStreams × BufferBytes. A hub that never streamed
+	// to a client (its clients all left before the upstream answered, or
+	// the backend did not answer with a stream) is closed at once, without
+	// linger, so it does not hold a place. Default: 1000.
+	MaxStreams int `json:"max_streams,omitempty"`
 
 	// AnyAccept lets GET requests fan out whatever their Accept header,
 	// as long as it admits an event stream: none, */*, text/* or
@@ -131,6 +146,7 @@ type fanoutRuntime struct {
 	poolPrefix string       // what every pool key of this handler starts with
 	cfg        hubConfig    // applied to a hub when this handler first joins it
 	clients    atomic.Int64 // connected clients of this handler
+	hubs       atomic.Int64 // hubs this handler opened and that are not destroyed yet (max_streams)
 }
 
 // clientPolicy is what a fan-out client needs of its handler's
@@ -140,7 +156,6 @@ type clientPolicy struct {
 	metrics        *sseMetrics
 	streams        *streamSet    // the handler's live streams, ended at shutdown
 	clients        *atomic.Int64 // the handler's client count, for max_clients_total
-	queue          uint64        // client_queue
 	heartbeatBytes []byte
 	retry          time.Duration // the configured retry, 0 for none
 	retryHint      []byte
@@ -158,7 +173,6 @@ func (h *Handler) newClientPolicy(clients *atomic.Int64) *clientPolicy {
 		metrics:        h.metrics,
 		streams:        h.streams,
 		clients:        clients,
-		queue:          defaultClientQueue,
 		heartbeatBytes: h.heartbeatBytes,
 		retry:          time.Duration(h.Retry),
 		retryHint:      h.retryHint,
@@ -166,7 +180,6 @@ func (h *Handler) newClientPolicy(clients *atomic.Int64) *clientPolicy {
 		writeTimeout:   time.Duration(h.WriteTimeout),
 	}
 	if f := h.Fanout; f != nil {
-		p.queue = uint64(f.ClientQueue)
 		p.linger = defaultLinger
 		if f.Linger != nil {
 			p.linger = time.Duration(*f.Linger)
@@ -196,6 +209,9 @@ func (f *Fanout) provision() {
 	}
 	if f.ClientQueue == 0 {
 		f.ClientQueue = defaultClientQueue
+	}
+	if f.MaxStreams == 0 {
+		f.MaxStreams = defaultMaxStreams
 	}
 }
 
@@ -234,12 +250,16 @@ func (h *Handler) hubConfig() hubConfig {
 // errTooManyClients answers a client past a max_clients limit.
 var errTooManyClients = errors.New("sse: too many clients for this stream")
 
+// errTooManyStreams answers a client whose key would open a hub past
+// max_streams.
+var errTooManyStreams = errors.New("sse: too many fan-out streams")
+
 // serveFanout serves one client from the hub of its key.
 func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	f, run := h.Fanout, h.fan
 	if n := run.clients.Add(1); f.MaxClientsTotal > 0 && n > int64(f.MaxClientsTotal) {
 		run.clients.Add(-1)
-		return h.refuse(w, "max_clients_total")
+		return h.refuse(w, r, "max_clients_total")
 	}
 	c := &fanoutClient{pol: run.policy}
 	// Whoever ends the stream releases the client: this request, or the
@@ -254,13 +274,23 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	cfg := h.hubConfig()
 	poolKey := run.poolPrefix + key
 	v, _, err := hubs.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
+		if n := run.hubs.Add(1); n > int64(f.MaxStreams) {
+			run.hubs.Add(-1)
+			return nil, errTooManyStreams
+		}
 		limits := HistoryLimits{Events: cfg.limits.events, Bytes: cfg.limits.bytes, Age: cfg.limits.age}
 		stream, err := run.broker.Stream(r.Context(), key, limits) // the key alone: the same on every node
 		if err != nil {
+			run.hubs.Add(-1)
 			return nil, fmt.Errorf("fanout: broker: %w", err)
 		}
-		return newHub(poolKey, h.hashKey(key), cfg, h.logger, stream), nil
+		hb := newHub(poolKey, h.hashKey(key), cfg, h.logger, stream)
+		hb.count = &run.hubs
+		return hb, nil
 	})
+	if errors.Is(err, errTooManyStreams) {
+		return h.refuse(w, r, "max_streams")
+	}
 	if err != nil {
 		return err
 	}
@@ -269,7 +299,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 
 	joinedAt, ends, ok := hb.join(run, f.MaxClients, r, next)
 	if !ok {
-		return h.refuse(w, "max_clients")
+		return h.refuse(w, r, "max_clients")
 	}
 	c.ends = ends
 	c.joined = true
@@ -284,6 +314,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		c.leave()
 		return h.servePassthrough(w, r, next)
 	}
+	hb.served.Store(true) // from now on, linger keeps it for reconnects
 	lastID := r.Header.Get("Last-Event-ID")
 	cursor, behind, reset, found := hb.position(r.Context(), lastID, f.ReplayOnConnect, joinedAt)
 	switch {
@@ -306,7 +337,7 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 	srv, _ := r.Context().Value(http.ServerContextKey).(*http.Server)
 	if !h.streams.add(c.sub, srv) {
 		c.sub = nil
-		return caddyhttp.Error(http.StatusServiceUnavailable, errStreamEnded) // shutting down
+		return h.refuseWith(w, r, errStreamEnded) // shutting down
 	}
 	hb.out[encoding].clients.Add(1) // until release, with c.sub
 	// A compressed client writes what the hub's shared compressor encoded
@@ -329,23 +360,58 @@ func (h *Handler) serveFanout(w http.ResponseWriter, r *http.Request, next caddy
 		return err // not expected: an encoder in memory
 	}
 	err = c.run(r.Context(), first)
+	if !c.clean && r.Context().Err() == nil {
+		// Cut off (its next event left the cache, or a write failed): abort
+		// the response (an HTTP/2 stream reset, an HTTP/1.1 body without its
+		// last chunk), so that the client sees a cut and reconnects. A
+		// handler that returns ends the response cleanly, which
+		// fetch-event-source takes as "done". The deferred release runs.
+		panic(http.ErrAbortHandler)
+	}
 	c.endEncoding()
 	return err
 }
 
-// refuse answers a client past a limit: 503 with Retry-After.
-func (h *Handler) refuse(w http.ResponseWriter, limit string) error {
+// refuse answers a client past a limit.
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, limit string) error {
 	h.logger.Warn("refusing a client: fan-out limit reached", zap.String("limit", limit))
 	h.metrics.clientRefused(limit)
-	retry := max(time.Duration(h.Retry), time.Second)
-	w.Header().Set("Retry-After", strconv.Itoa(int((retry+time.Second-1)/time.Second)))
-	return caddyhttp.Error(http.StatusServiceUnavailable, errTooManyClients)
+	return h.refuseWith(w, r, errTooManyClients)
+}
+
+// refuseWith answers a client the plugin will not serve now (a limit, a
+// shutdown) so that it comes back later. An EventSource that gets
+// anything but 200 text/event-stream "fails the connection" and never
+// retries (WHATWG), so a request that asks for an event stream gets one:
+// a retry field, jittered between the configured retry (1s when none) and
+// twice that so that refused clients do not all return at once, and an
+// immediate end, which EventSource and fetch-event-source answer by
+// reconnecting after it. Other clients get 503 with Retry-After.
+func (h *Handler) refuseWith(w http.ResponseWriter, r *http.Request, cause error) error {
+	base := max(time.Duration(h.Retry), time.Second)
+	w.Header().Set("Retry-After", strconv.Itoa(int((base+time.Second-1)/time.Second)))
+	if !acceptsEventStream(r.Header) {
+		return caddyhttp.Error(http.StatusServiceUnavailable, cause)
+	}
+	hdr := w.Header()
+	for _, k := range []string{"Content-Encoding", "Content-Length", "Transfer-Encoding"} {
+		hdr.Del(k) // what a stream answer set (shutdown): this one is plain
+	}
+	hdr.Set("Content-Type", "text/event-stream")
+	prepareStreamHeader(hdr, r.ProtoMajor)
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(sse.RetryField(base + rand.N(base)))
+	return nil
 }
 
 // release drops a client's reference to the hub after linger, so that
 // the hub, its upstream and its cache outlive a reconnect or a reload.
+// A hub that never streamed to a client has nothing to keep (no cache a
+// reconnect would resume from; maybe a backend that does not stream) and
+// goes at once: many requests with distinct keys that leave before their
+// upstream answers must not hold as many upstream connections for linger.
 func (p *clientPolicy) release(hb *hub) {
-	if p.linger <= 0 {
+	if p.linger <= 0 || !hb.served.Load() {
 		hubs.Delete(hb.poolKey)
 		return
 	}

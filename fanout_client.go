@@ -88,7 +88,6 @@ type fanoutClient struct {
 	cursor     uint64
 	beats      uint64 // the hub's heartbeat count last answered
 	ends       uint64 // the hub's count of honoured backend ends when the client joined
-	prevLag    uint64
 	encoding   coding
 	z          *sharedWriter // a compressed stream's writer; nil for identity
 	wire       int64         // bytes on the wire, after compression
@@ -132,7 +131,6 @@ func (c *fanoutClient) writeFailed(err error) error {
 // start writes the client's first bytes and takes the hub's heartbeat
 // count, so that only heartbeats due from now on are written.
 func (c *fanoutClient) start(first []byte) error {
-	c.prevLag = ^uint64(0)
 	c.beats = c.hub.heartbeats()
 	if err := c.writeOwn(time.Now(), first); err != nil {
 		return c.writeFailed(err)
@@ -181,8 +179,17 @@ func (c *fanoutClient) run(ctx context.Context, first []byte) error {
 // step writes what is due: the events after the cursor (in batches of
 // one flush each), or a heartbeat. It returns the channel the hub closes
 // when there is more, or done when the client's stream is over (cut off
-// for falling behind, failed, or its upstream gone). batch is scratch
-// space, handed back for reuse.
+// for falling out of the cache, failed, or its upstream gone). batch is
+// scratch space, handed back for reuse.
+//
+// How far behind the live stream a client is does not cut it: a backend
+// that writes thousands of events at once (a history replay, a batch)
+// puts every client that far behind for a moment, however fast it reads.
+// A client is slow when its bytes stop leaving: a write that does not
+// complete within write_timeout cuts it (writeFailed, and wireConn's
+// drain for a handed-over one). What it can be behind is bounded by the
+// cache: once its next event is evicted, it is cut and resumes (or gets
+// the reset event) from its Last-Event-ID.
 func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ []*event) {
 	hb := c.hub
 	for {
@@ -195,12 +202,10 @@ func (c *fanoutClient) step(batch []*event) (wake <-chan struct{}, done bool, _ 
 			hb.noteWaitingLocked(c.z, batch)
 		}
 		hb.mu.Unlock()
-		if !ok || (lag > c.pol.queue && lag >= c.prevLag) {
-			clear(batch)
-			c.cutBehind(lag, !ok)
+		if !ok {
+			c.cutBehind(lag, true)
 			return nil, true, batch
 		}
-		c.prevLag = lag
 		now := time.Now()
 		switch {
 		case len(batch) > 0:

@@ -338,11 +338,11 @@ func TestFanoutBackendErrorReachesClient(t *testing.T) {
 
 func TestFanoutMaxClients(t *testing.T) {
 	e := newEmitter(t)
-	base := startCaddy(t, fanoutRoute(e, map[string]any{"fanout": map[string]any{"max_clients": 2}}))
+	base := startCaddy(t, fanoutRoute(e, map[string]any{"fanout": map[string]any{"max_clients": 2, "any_accept": true}}))
 	openStream(t, base+"/events", false)
 	openStream(t, base+"/events", false)
 	req, _ := http.NewRequest("GET", base+"/events", nil)
-	req.Header.Set("Accept", "text/event-stream")
+	req.Header.Set("Accept", "*/*") // an EventSource is refused otherwise (TestFanoutRefusalEventSourceComesBack)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

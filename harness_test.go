@@ -517,11 +517,9 @@ func mustCoding(name string) coding {
 }
 
 // unboundedPolicy is the client policy of h for benchmark clients that
-// are fed from the test itself: no queue bound to cut them.
+// are fed from the test itself (being behind no longer cuts a client).
 func unboundedPolicy(h *Handler) *clientPolicy {
-	p := h.newClientPolicy(nil)
-	p.queue = 1 << 20
-	return p
+	return h.newClientPolicy(nil)
 }
 
 // eventually polls cond until it holds or within has passed, and reports

@@ -106,6 +106,9 @@ type hub struct {
 	dlOnce      sync.Once
 	dl          []*deliverer          // delivery loops of detached clients (detach.go)
 	out         [numCodings]hubOutput // per content coding, for the admin API
+
+	served atomic.Bool   // a client got its stream: only then does linger keep the hub (fanout.go)
+	count  *atomic.Int64 // the max_streams count of the handler that opened it, given back at Destruct
 }
 
 // hubOutput is what a hub's clients of one content coding were sent. Its
@@ -155,17 +158,24 @@ func (hb *hub) Destruct() error {
 	hb.idleShared()
 	hb.broadcastLocked()
 	hb.mu.Unlock()
+	if hb.count != nil {
+		hb.count.Add(-1) // before the upstream is closed, which a test may wait for
+	}
 	hb.followStop()
 	up.stop()
 	old.stop()
 	return hb.stream.Close()
 }
 
-// lag is how many events the window holds after cursor.
-func (hb *hub) lag(cursor uint64) uint64 {
+// fellOut reports how many events the window holds after cursor, and
+// whether the one right after it has left the window: a client there can
+// no longer be served without a gap (fanoutClient.step).
+func (hb *hub) fellOut(cursor uint64) (lag uint64, out bool) {
+	var next [1]*event
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
-	return hb.seq - cursor
+	_, ok := hb.win.after(next[:0], cursor, 1)
+	return hb.seq - cursor, !ok
 }
 
 // wakeChan is the channel closed at the next change (event, heartbeat,

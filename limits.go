@@ -91,8 +91,8 @@ func checkMaxEventSize(n int) error {
 }
 
 // checkCount is the range of the fan-out's counts (buffer_events,
-// replay_on_connect, client_queue, max_clients, max_clients_total), where
-// 0 means the default or no limit.
+// replay_on_connect, client_queue, max_clients, max_clients_total,
+// max_streams), where 0 means the default or no limit.
 func checkCount(n int) error {
 	if n < 0 {
 		return fmt.Errorf("%d is negative", n)
@@ -159,6 +159,7 @@ func (f *Fanout) validate() error {
 		named("fanout: client_queue", checkCount(f.ClientQueue)),
 		named("fanout: max_clients", checkCount(f.MaxClients)),
 		named("fanout: max_clients_total", checkCount(f.MaxClientsTotal)),
+		named("fanout: max_streams", checkCount(f.MaxStreams)),
 	)
 }
 

@@ -252,7 +252,7 @@ func (m *sseMetrics) slowClientCut(mode streamMode) {
 
 // refusalLimits are the values of clients_refused_total's limit label:
 // the fan-out options whose limit refuses clients (Handler.refuse).
-var refusalLimits = []string{"max_clients", "max_clients_total"}
+var refusalLimits = []string{"max_clients", "max_clients_total", "max_streams"}
 
 // clientRefused counts a client refused by a limit; limit is the name of
 // the configuration field (a constant, never a value from a request), one

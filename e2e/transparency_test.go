@@ -309,9 +309,11 @@ func runTransparencyCase(t *testing.T, h *harness, p *page, c transparencyCase, 
 }
 
 // refEvent is an event a conforming parser dispatches, and whether the
-// block that dispatched it had a valid id field of its own (which the
-// plugin must keep; an event without one gets an id from the plugin in
-// fan-out, as does one whose id field is ignored for holding a NUL).
+// block that dispatched it had a valid, non-empty id field of its own
+// (which the plugin must keep). An event without one gets an id from the
+// plugin in fan-out (ids auto), as does one whose id field is ignored for
+// holding a NUL, and one with an empty id field: r3labs/sse writes "id: "
+// on every event, which names nothing a client could resume from.
 type refEvent struct {
 	event
 	ownID bool
@@ -365,7 +367,7 @@ func referenceEvents(steps []any) []refEvent {
 			data += value + "\n"
 		case "id":
 			if !strings.Contains(value, "\x00") { // else the field is ignored
-				lastID, ownID = value, true
+				lastID, ownID = value, value != ""
 			}
 		}
 	}
