@@ -76,6 +76,9 @@ type hub struct {
 	retry      time.Duration
 	// The backend's last retry field, for clients that join after it.
 	retryField []byte
+	// The new connection of a backend without ids, streaming but not yet
+	// published: the old one publishes until they meet (switchLocked).
+	handover   *handover
 	reconnects int
 	epoch      string   // the broker epoch of the window's events
 	epochSeq   uint64   // the window seq of offset 0 of that epoch
@@ -152,6 +155,7 @@ func (hb *hub) Destruct() error {
 	hb.destroyed = true
 	up, old := hb.up, hb.old
 	hb.up, hb.old = nil, nil
+	hb.dropHandoverLocked()
 	if hb.heartbeat != nil {
 		hb.heartbeat.Stop()
 	}
@@ -389,17 +393,32 @@ func (hb *hub) honoursEndLocked() bool {
 }
 
 // streamStarted records the upstream's response and starts heartbeats.
-func (hb *hub) streamStarted(gen uint64, status int, header http.Header) {
+func (hb *hub) streamStarted(ctx context.Context, gen uint64, lease Lease, status int, header http.Header) {
 	hb.mu.Lock()
 	defer hb.mu.Unlock()
 	if hb.up == nil || gen != hb.up.gen {
 		return // a replaced upstream
 	}
-	// From now on only this connection publishes: the one it replaces is
-	// closed (events it still had in flight are the ones this one sends).
-	hb.liveGen = gen
-	hb.old.stopAsync()
-	hb.old = nil
+	if hb.old != nil && hb.liveGen == hb.old.gen && hb.header != nil && !hb.down && !hb.backendIDs {
+		// A backend without ids starts the new connection at its live
+		// edge, which the old one may not have delivered yet: an event it
+		// sent just before the new connection was accepted can still be on
+		// its way through the old one. The old one publishes on until the
+		// two streams meet (handoverMetLocked), the new one's events are
+		// held meanwhile; switching now would lose that event.
+		hb.dropHandoverLocked()
+		hb.handover = &handover{gen: gen, ctx: ctx, lease: lease}
+		ho := hb.handover
+		ho.timer = time.AfterFunc(handoverWait, func() { hb.endHandover(ho) })
+	} else {
+		// From now on only this connection publishes: the one it replaces
+		// is closed (a backend with ids is resumed after the last id this
+		// hub holds, so the new connection repeats what the old one still
+		// had in flight, and repeatsOverlap drops the repeats).
+		hb.liveGen = gen
+		hb.old.stopAsync()
+		hb.old = nil
+	}
 	hb.up.owner.policy.metrics.upstreamConnected(hb.header != nil)
 	gap := hb.down && hb.seq > 0 && !hb.backendIDs
 	hb.down = false
@@ -477,10 +496,40 @@ func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte,
 	hb.pubMu.Lock()
 	defer hb.pubMu.Unlock()
 	hb.mu.Lock()
+	if ho := hb.handover; ho != nil && gen == ho.gen {
+		// The new connection of a hand-over: held until it meets the old.
+		ho.events = append(ho.events, heldEvent{raw: append([]byte(nil), raw...), info: info})
+		if !hb.handoverMetLocked() && len(ho.events) < maxBatch && !(info.HasID() && len(info.ID()) > 0) {
+			hb.mu.Unlock()
+			return nil
+		}
+		// Met (or too much held, or the backend now sends ids, which
+		// match on their own): the new connection takes over.
+		evs := hb.switchLocked()
+		hb.mu.Unlock()
+		return hb.publishHeld(ctx, lease, evs)
+	}
 	if gen != hb.liveGen {
 		hb.mu.Unlock()
 		return nil // a replaced upstream's late event
 	}
+	if err := hb.publishLocked(ctx, lease, raw, info); err != nil {
+		return err
+	}
+	hb.mu.Lock()
+	if ho := hb.handover; ho != nil && gen == hb.liveGen && hb.handoverMetLocked() {
+		// The old connection delivered what the new one began with.
+		evs := hb.switchLocked()
+		hb.mu.Unlock()
+		return hb.publishHeld(ho.ctx, ho.lease, evs)
+	}
+	hb.mu.Unlock()
+	return nil
+}
+
+// publishLocked publishes an event of the live upstream connection. pubMu
+// and mu are held; mu is released.
+func (hb *hub) publishLocked(ctx context.Context, lease Lease, raw []byte, info sse.Event) error {
 	if hb.repeatsOverlap(raw, info) {
 		hb.mu.Unlock()
 		return nil
@@ -594,6 +643,100 @@ func (hb *hub) brokerFailed(op string, err error) error {
 	}
 	hb.logger.Error("broker failed; dropping the event and reconnecting the upstream", zap.String("op", op), zap.Error(err))
 	return err
+}
+
+// handover is the new upstream connection of a backend without ids while
+// the one it replaces still publishes: its events are held until the two
+// streams meet, so that the switch neither loses nor repeats an event.
+type handover struct {
+	gen    uint64
+	ctx    context.Context // the new connection's, and its lease: what its held events are published with
+	lease  Lease
+	events []heldEvent
+	timer  *time.Timer // ends the wait (endHandover) if the streams never meet
+}
+
+// heldEvent is an event of the new connection held during a hand-over.
+// Its info carries no id (a backend without ids): nothing in it aliases
+// the framer's memory.
+type heldEvent struct {
+	raw  []byte
+	info sse.Event
+}
+
+// handoverWait bounds a hand-over: if the old and the new connection of a
+// backend without ids do not send a common event within it (the backend
+// sends each connection something else, or the old one stalls), the new
+// one takes over with what it holds, as it would at its header. A
+// variable so that tests can shorten it.
+var handoverWait = time.Second
+
+// handoverMetLocked reports whether an event the new connection holds is
+// one the old one published since it was replaced (hb.overlap): from
+// there on the new connection repeats the old one, and can take over.
+func (hb *hub) handoverMetLocked() bool {
+	for _, ev := range hb.handover.events {
+		for _, seen := range hb.overlap {
+			if bytes.Equal(seen, ev.raw) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// switchLocked makes the hand-over's new connection the one that
+// publishes, closes the old one, and returns the events the new one held:
+// the caller (holding pubMu, not mu) publishes them with publishHeld.
+func (hb *hub) switchLocked() []heldEvent {
+	ho := hb.handover
+	hb.handover = nil
+	ho.timer.Stop()
+	hb.liveGen = ho.gen
+	hb.old.stopAsync()
+	hb.old = nil
+	hb.broadcastLocked() // the admin API's upstream state changed
+	return ho.events
+}
+
+// publishHeld publishes what the new connection held during a hand-over,
+// minus what the old one published already (repeatsOverlap). pubMu is
+// held, mu is not.
+func (hb *hub) publishHeld(ctx context.Context, lease Lease, evs []heldEvent) error {
+	for _, ev := range evs {
+		hb.mu.Lock()
+		if err := hb.publishLocked(ctx, lease, ev.raw, ev.info); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// endHandover ends the hand-over ho, if it is still the hub's, without
+// the streams having met: the old connection ended, or handoverWait
+// passed. The new connection takes over with what it held.
+func (hb *hub) endHandover(ho *handover) {
+	hb.pubMu.Lock()
+	defer hb.pubMu.Unlock()
+	hb.mu.Lock()
+	if hb.handover != ho || hb.destroyed {
+		hb.mu.Unlock()
+		return
+	}
+	hb.logger.Debug("upstream hand-over: the old and new connections sent no common event; switching")
+	evs := hb.switchLocked()
+	hb.mu.Unlock()
+	_ = hb.publishHeld(ho.ctx, ho.lease, evs) // a broker failure is logged, and ends the new connection at its next event
+}
+
+// dropHandoverLocked forgets a hand-over whose new connection will not
+// take over (it ended, was replaced, or the hub is destroyed): the old
+// connection, which sent the same events, goes on publishing.
+func (hb *hub) dropHandoverLocked() {
+	if hb.handover != nil {
+		hb.handover.timer.Stop()
+		hb.handover = nil
+	}
 }
 
 // repeatsOverlap handles the moment one upstream connection replaces

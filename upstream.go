@@ -128,9 +128,20 @@ func (hb *hub) startUpstreamLocked() {
 	if src == nil {
 		return
 	}
-	if hb.up != nil {
+	switch {
+	case hb.up != nil && hb.old != nil && hb.liveGen == hb.old.gen:
+		// The connection that publishes (old) stays until its successor
+		// streams; the one that was connecting (or handing over) gives way
+		// to this one. Stopping the live one here would lose what the
+		// backend sends until this one streams: a reload of a config with
+		// several handlers of the hub drops their sources one by one, each
+		// starting the upstream anew.
+		hb.dropHandoverLocked()
+		hb.up.stopAsync()
+	case hb.up != nil:
 		hb.old.stopAsync()
 		hb.old = hb.up
+		hb.overlap = nil // what it publishes from now on is the overlap
 	}
 	// The template's context carries the server's values and is already
 	// detached from its client; the upstream gets a cancel of its own.
@@ -252,6 +263,16 @@ func (hb *hub) runUpstream(ctx context.Context, src *source, u *upstream) {
 			continue
 		}
 		hb.mu.Lock()
+		if ho := hb.handover; ho != nil && ho.gen == u.gen {
+			hb.dropHandoverLocked() // its next connection starts a hand-over anew
+		}
+		if ho := hb.handover; ho != nil && hb.old == u && hb.liveGen == u.gen {
+			// The old connection of a hand-over ended first: the new one
+			// takes over with what it held.
+			hb.mu.Unlock()
+			hb.endHandover(ho)
+			hb.mu.Lock()
+		}
 		if hb.liveGen == u.gen {
 			// After a failure, what the backend sends until the next
 			// connection streams is lost. A clean end is the backend's
@@ -408,7 +429,7 @@ func (w *hubWriter) WriteHeader(status int) {
 	}
 	w.streaming = true
 	header := w.header.Clone()
-	w.hub.streamStarted(w.gen, status, header)
+	w.hub.streamStarted(w.ctx, w.gen, w.lease, status, header)
 	// Followers answer their clients with it (cluster mode).
 	if err := w.hub.stream.SetResponse(w.ctx, w.lease, Response{Status: status, Header: header}); err != nil && !errors.Is(err, context.Canceled) {
 		w.hub.logger.Warn("broker did not take the upstream's response head", zap.Error(err))
