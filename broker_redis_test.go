@@ -5,12 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
-	"os"
-	"os/exec"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -18,69 +14,18 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/redis/go-redis/v9"
+	"github.com/seed-b7710c89/caddy-sse/internal/redistest"
 )
 
-// testRedisServer is a redis-server owned by one test, on a loopback port
-// of its own, without persistence. Without redis-server the test is
-// skipped, unless SSE_REQUIRE_REDIS=1 (CI), when it fails.
-type testRedisServer struct {
-	t      *testing.T
-	Addr   string
-	bin    string
-	port   int
-	cmd    *exec.Cmd
-	exited chan struct{}
-}
-
+// testRedis starts a redis-server for t (internal/redistest: a loopback
+// port of its own, no persistence, killed when t ends) and returns its
+// address. Without redis-server the test is skipped, unless
+// SSE_REQUIRE_REDIS=1 (CI), when it fails.
 func testRedis(t *testing.T) string { return startTestRedis(t).Addr }
 
-func startTestRedis(t *testing.T) *testRedisServer {
+func startTestRedis(t *testing.T) *redistest.Server {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		if os.Getenv("SSE_REQUIRE_REDIS") == "1" {
-			t.Fatalf("redis-server not found and SSE_REQUIRE_REDIS=1: %v", err)
-		}
-		t.Skip("redis-server not installed (apt-get install redis-server)")
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	r := &testRedisServer{t: t, Addr: fmt.Sprintf("127.0.0.1:%d", port), bin: bin, port: port}
-	r.Start()
-	t.Cleanup(r.Kill)
-	return r
-}
-
-// Start runs redis-server (again, empty) and waits until it answers PING.
-func (r *testRedisServer) Start() {
-	r.t.Helper()
-	r.cmd = exec.Command(r.bin, "--port", fmt.Sprint(r.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", r.t.TempDir())
-	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := r.cmd.Start(); err != nil {
-		r.t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	r.exited = exited
-	go func(cmd *exec.Cmd) { _ = cmd.Wait(); close(exited) }(r.cmd)
-	rc := redis.NewClient(&redis.Options{Addr: r.Addr})
-	defer rc.Close()
-	if !eventually(10*time.Second, func() bool { return rc.Ping(context.Background()).Err() == nil }) {
-		r.t.Fatalf("redis-server on %s did not answer PING", r.Addr)
-	}
-}
-
-// Kill ends it at once (SIGKILL).
-func (r *testRedisServer) Kill() {
-	if r.cmd == nil {
-		return
-	}
-	_ = r.cmd.Process.Kill()
-	<-r.exited
-	r.cmd = nil
+	return redistest.Start(t, redistest.Options{})
 }
 
 var redisPrefixes atomic.Int64

@@ -16,8 +16,10 @@ import (
 
 // installJSClients installs the npm SSE clients of testdata/js (exact
 // versions, from its package-lock.json) into a temporary directory and
-// returns it. Without node and npm, or when npm cannot install them (no
-// registry), the test is skipped, unless SSE_REQUIRE_NODE=1 (CI).
+// returns it. Only the folder's files are copied: a node_modules there
+// (.ci/run installs one in place for e2e/) is not this test's. Without
+// node and npm, or when npm cannot install them (no registry), the test is
+// skipped, unless SSE_REQUIRE_NODE=1 (CI).
 func installJSClients(t *testing.T) string {
 	t.Helper()
 	unavailable := t.Skipf
@@ -32,6 +34,9 @@ func installJSClients(t *testing.T) string {
 	dir := t.TempDir()
 	files, _ := filepath.Glob("testdata/js/*")
 	for _, f := range files {
+		if fi, err := os.Stat(f); err == nil && fi.IsDir() {
+			continue
+		}
 		b, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)

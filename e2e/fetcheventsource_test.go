@@ -13,8 +13,8 @@ import (
 	"time"
 )
 
-// fesMessage is one line of e2e/js/fetch-event-source.cjs's output: a
-// message fetch-event-source dispatched, or how its stream ended.
+// fesMessage is one line of testdata/js/fetch-event-source-once.cjs's
+// output: a message fetch-event-source dispatched, or how its stream ended.
 type fesMessage struct {
 	ID    string `json:"id"`
 	Event string `json:"event"`
@@ -25,31 +25,36 @@ type fesMessage struct {
 	Error string `json:"error"`
 }
 
-// runFetchEventSource runs @microsoft/fetch-event-source (e2e/js, installed
-// by `npm ci` there) against url until it dispatched a message whose data
-// is "end", or for at most d, and returns the messages it dispatched. It
-// skips when Node or the package is missing, unless SSE_E2E_REQUIRE_BROWSER=1.
+// jsDir is the npm client folder the whole module shares (the root
+// package's testdata/js): .ci/run installs it in place with `npm ci`.
+var jsDir = filepath.Join("..", "testdata", "js")
+
+// runFetchEventSource runs @microsoft/fetch-event-source (testdata/js,
+// installed by `npm ci` there) against url until it dispatched a message
+// whose data is "end", or for at most d, and returns the messages it
+// dispatched. It skips when Node or the package is missing, unless
+// SSE_E2E_REQUIRE_BROWSER=1.
 func runFetchEventSource(t *testing.T, url string, d time.Duration) []fesMessage {
 	t.Helper()
 	node, err := exec.LookPath("node")
 	if err == nil {
-		_, err = os.Stat(filepath.Join("js", "node_modules", "@microsoft", "fetch-event-source"))
+		_, err = os.Stat(filepath.Join(jsDir, "node_modules", "@microsoft", "fetch-event-source"))
 	}
 	if err != nil {
 		if os.Getenv(requireBrowserEnv) == "1" {
-			t.Fatalf("node or e2e/js/node_modules missing (run npm ci in e2e/js): %v; %s=1 requires them", err, requireBrowserEnv)
+			t.Fatalf("node or testdata/js/node_modules missing (run npm ci in testdata/js): %v; %s=1 requires them", err, requireBrowserEnv)
 		}
-		t.Skipf("skipping: node or e2e/js/node_modules missing (run npm ci in e2e/js): %v", err)
+		t.Skipf("skipping: node or testdata/js/node_modules missing (run npm ci in testdata/js): %v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), d+10*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, node, "fetch-event-source.cjs", url, strconv.FormatInt(d.Milliseconds(), 10))
-	cmd.Dir = "js"
+	cmd := exec.CommandContext(ctx, node, "fetch-event-source-once.cjs", url, strconv.FormatInt(d.Milliseconds(), 10))
+	cmd.Dir = jsDir
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("node fetch-event-source.cjs: %v\nstdout:\n%s\nstderr:\n%s", err, out, stderr.String())
+		t.Fatalf("node fetch-event-source-once.cjs: %v\nstdout:\n%s\nstderr:\n%s", err, out, stderr.String())
 	}
 	var msgs []fesMessage
 	sc := bufio.NewScanner(bytes.NewReader(out))

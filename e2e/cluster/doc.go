@@ -25,8 +25,9 @@
 //
 // Layout of the files:
 //
-//   - harness_test.go: TestMain, redis-server, the Caddy nodes and the load
-//     balancer, their configs, the admin API reads, signals.
+//   - harness_test.go: TestMain, the Caddy nodes and the load balancer,
+//     their configs, the admin API reads, signals. redis-server is
+//     internal/redistest's, shared with the other packages' tests.
 //   - backend_test.go: the SSE backend (a sequence number in every event,
 //     with or without ids, connections counted per path).
 //   - client_test.go: an SSE client that records every event and

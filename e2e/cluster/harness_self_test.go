@@ -4,13 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/seed-b7710c89/caddy-sse/internal/redisbroker"
+	"github.com/seed-b7710c89/caddy-sse/internal/redistest"
 )
 
 // The harness's own tests: they run against the in-memory broker (each
@@ -192,35 +192,6 @@ func TestHarnessSignals(t *testing.T) {
 	}
 }
 
-// TestHarnessRedis: with appendonly a restart keeps the data, without it
-// loses it; Do speaks RESP.
-func TestHarnessRedis(t *testing.T) {
-	needRedis(t)
-	for _, persist := range []bool{true, false} {
-		r := startRedis(t, persist)
-		if _, err := r.Do("SET", "k", "v"); err != nil {
-			t.Fatal(err)
-		}
-		r.Restart()
-		got, err := r.Do("GET", "k")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if want := map[bool]string{true: "v", false: ""}[persist]; got != want {
-			t.Errorf("persist=%v: after a restart GET k = %q, want %q", persist, got, want)
-		}
-		// Killed and started again (what the killed-3s case does).
-		r.Kill()
-		if _, err := r.Do("PING"); err == nil {
-			t.Error("a killed redis-server answered")
-		}
-		r.Start()
-		if _, err := r.Do("PING"); err != nil {
-			t.Errorf("after Kill and Start: %v", err)
-		}
-	}
-}
-
 // TestDemoConfigs: the cluster demo's Caddyfiles adapt with this build. The
 // nodes' need the redis broker module; without it their check skips (or,
 // with SSE_REQUIRE_CLUSTER=1, fails).
@@ -268,8 +239,7 @@ func TestClusterLogicOnSharedHub(t *testing.T) {
 // TestLogSeqs: logSeqs reads what internal/redisbroker appends (the layout
 // the paused-leader test inspects), and sees a late append if one got in.
 func TestLogSeqs(t *testing.T) {
-	needRedis(t)
-	cl := &cluster{t: t, redis: startRedis(t, false)}
+	cl := &cluster{t: t, redis: redistest.Start(t, redistest.Options{})}
 	rc, err := redisbroker.NewClient("redis://" + cl.redis.Addr + "/0")
 	if err != nil {
 		t.Fatal(err)
@@ -295,17 +265,5 @@ func TestLogSeqs(t *testing.T) {
 		if fmt.Sprint(seqs) != "[1 2 3 2]" {
 			t.Errorf("%s: seqs %v, want [1 2 3 2]", k, seqs)
 		}
-	}
-}
-
-// needRedis skips the test without redis-server, or fails it when
-// SSE_REQUIRE_REDIS=1 (CI).
-func needRedis(t *testing.T) {
-	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		if os.Getenv("SSE_REQUIRE_REDIS") == "1" {
-			t.Fatalf("redis-server not found and SSE_REQUIRE_REDIS=1: %v", err)
-		}
-		t.Skip("redis-server not installed")
 	}
 }

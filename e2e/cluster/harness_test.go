@@ -1,8 +1,6 @@
 package cluster
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -17,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/seed-b7710c89/caddy-sse/internal/redistest"
 )
 
 // brokerModule is the module the cluster tests need in the Caddy binary.
@@ -204,113 +204,6 @@ func tail(path string, n int) string {
 	return strings.Join(lines[max(0, len(lines)-n):], "")
 }
 
-// redisServer is a redis-server owned by one test, on a loopback port of
-// its own, with its data in the test's temp dir.
-type redisServer struct {
-	t       testing.TB
-	Addr    string
-	dir     string
-	persist bool // appendonly yes, fsync always: a restart keeps everything
-	p       *proc
-}
-
-func startRedis(t testing.TB, persist bool) *redisServer {
-	t.Helper()
-	r := &redisServer{t: t, Addr: fmt.Sprintf("127.0.0.1:%d", freePort(t)), dir: t.TempDir(), persist: persist}
-	r.Start()
-	t.Cleanup(r.Kill)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("redis-server's log ends with:\n%s", tail(filepath.Join(r.dir, "redis.log"), 20))
-		}
-	})
-	return r
-}
-
-// Start runs redis-server (again) on the same port and dir, and waits
-// until it answers PING.
-func (r *redisServer) Start() {
-	r.t.Helper()
-	_, port, _ := net.SplitHostPort(r.Addr)
-	args := []string{"redis-server", "--port", port, "--bind", "127.0.0.1", "--dir", r.dir,
-		"--save", "", "--daemonize", "no", "--protected-mode", "no", "--logfile", ""}
-	if r.persist {
-		args = append(args, "--appendonly", "yes", "--appendfsync", "always")
-	} else {
-		args = append(args, "--appendonly", "no")
-	}
-	logPath := filepath.Join(r.dir, "redis.log")
-	r.p = startProc(r.t, "redis-server", logPath, os.Environ(), args...)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := r.Do("PING"); err == nil {
-			return
-		}
-		if r.p.exited() {
-			r.t.Fatalf("redis-server exited at start:\n%s", tail(logPath, 20))
-		}
-		if time.Now().After(deadline) {
-			r.t.Fatalf("redis-server on %s not answering after 10 s", r.Addr)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// Kill ends redis-server with SIGKILL: nothing more is written.
-func (r *redisServer) Kill() { r.p.end(syscall.SIGKILL, 0) }
-
-// Stop ends redis-server with SIGTERM: it flushes its AOF.
-func (r *redisServer) Stop() { r.p.end(syscall.SIGTERM, 10*time.Second) }
-
-// Restart stops redis-server (SIGTERM) and starts it again on the same port.
-func (r *redisServer) Restart() {
-	r.t.Helper()
-	r.Stop()
-	r.Start()
-}
-
-// Do sends one command over a fresh connection (RESP, no client library:
-// the helper tests nothing but the server) and returns the reply's first
-// line, or for a bulk string its payload.
-func (r *redisServer) Do(args ...string) (string, error) {
-	c, err := net.DialTimeout("tcp", r.Addr, 200*time.Millisecond)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(2 * time.Second))
-	var b bytes.Buffer
-	fmt.Fprintf(&b, "*%d\r\n", len(args))
-	for _, a := range args {
-		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
-	}
-	if _, err := c.Write(b.Bytes()); err != nil {
-		return "", err
-	}
-	br := bufio.NewReader(c)
-	line, err := br.ReadString('\n')
-	if err != nil {
-		return "", err
-	}
-	line = strings.TrimRight(line, "\r\n")
-	switch {
-	case strings.HasPrefix(line, "-"):
-		return "", fmt.Errorf("redis: %s", line[1:])
-	case strings.HasPrefix(line, "$"):
-		var n int
-		fmt.Sscanf(line[1:], "%d", &n)
-		if n < 0 {
-			return "", nil
-		}
-		buf := make([]byte, n+2)
-		if _, err := io.ReadFull(br, buf); err != nil {
-			return "", err
-		}
-		return string(buf[:n]), nil
-	}
-	return strings.TrimPrefix(strings.TrimPrefix(line, "+"), ":"), nil
-}
-
 // node is one Caddy process: a cluster node (or, with lb, the load
 // balancer), with its own HTTP and admin ports and its Caddyfile.
 type node struct {
@@ -455,7 +348,7 @@ func (n *node) Leads(path string) (bool, error) {
 // cluster is a redis-server, N nodes, a load balancer and a backend.
 type cluster struct {
 	t       testing.TB
-	redis   *redisServer // nil in memory mode
+	redis   *redistest.Server // nil in memory mode
 	backend *backend
 	nodes   []*node
 	lb      *node
@@ -487,7 +380,7 @@ func startCluster(t testing.TB, o clusterOpts) *cluster {
 	}
 	cl := &cluster{t: t, opts: o}
 	if !o.memory {
-		cl.redis = startRedis(t, o.persist)
+		cl.redis = redistest.Start(t, redistest.Options{Persist: o.persist})
 	}
 	cl.backend = startBackend(t, o.interval)
 	for i := 1; i <= o.nodes; i++ {

@@ -356,7 +356,7 @@ func TestRestartWithoutPersistence(t *testing.T) {
 }
 
 func TestRestartWithPersistence(t *testing.T) {
-	r, _, _, s, l := newTest(t, redisOpts{persist: true}, Options{})
+	r, _, _, s, l := newTest(t, redisOpts{Persist: true}, Options{})
 	ctx := testCtx(t)
 	old := mustAppend(t, s, l, ev("a", "1"), ev("b", "2"))
 	r.Kill() // appendfsync always: even SIGKILL keeps acknowledged appends
@@ -565,7 +565,7 @@ func TestRedisDownFailsPromptly(t *testing.T) {
 // ClusterClient against a Redis Cluster node: every key of a stream must
 // hash to one slot (else CROSSSLOT errors).
 func TestClusterClient(t *testing.T) {
-	r := startRedis(t, redisOpts{cluster: true})
+	r := startRedis(t, redisOpts{Cluster: true})
 	ctx := testCtx(t)
 	c := NewUniversalClient(&redis.UniversalOptions{Addrs: []string{r.Addr}, IsClusterMode: true})
 	defer c.Close()

@@ -3,6 +3,9 @@
 // {"on":"open"}, {"on":"message","id":..,"event":..,"data":..},
 // {"on":"error","error":..} (the client then retries), {"on":"close"} (a
 // clean end: the client stops). Runs in Node (20+, which has fetch).
+// It retries like a page would (jsclient_test.go's reconnection tests);
+// fetch-event-source-once.cjs next to it is the one-connection client of
+// e2e/fetcheventsource_test.go.
 'use strict';
 // The library is written for browsers: it reaches for window and document.
 globalThis.window = globalThis;

@@ -2,9 +2,13 @@
 // page would, and prints one JSON line per message it dispatches, then
 // {"done": ...} when the stream ends or after the given time.
 //
-// usage: node fetch-event-source.cjs <url> <milliseconds>
+// usage: node fetch-event-source-once.cjs <url> <milliseconds>
 //
-// It stops at the first message whose data is "end" (the tests' last event).
+// It stops at the first message whose data is "end" (the tests' last event),
+// and never retries: e2e/fetcheventsource_test.go wants one connection.
+// fetch-event-source.cjs next to it is the client that retries
+// (jsclient_test.go's reconnection tests); both share this folder's
+// package.json and package-lock.json.
 //
 // fetch-event-source is written for browsers: it reads window and document
 // (for its retry timer and page visibility). Node has neither, so they are
