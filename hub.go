@@ -1,9 +1,7 @@
 package caddysse
 
 import (
-	"bytes"
 	"context"
-	"errors"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -11,8 +9,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/seed-b7710c89/caddy-sse/internal/sse"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -34,14 +30,17 @@ var hubs = caddy.NewUsagePool()
 // Locks, in the order they are taken: pubMu (one publisher at a time,
 // held across broker calls), then mu (the hub's state; never held across
 // a broker call or a client write), then a deliverer's mu (detach.go).
-// Outside hub.go only the hub's own methods in compress_shared.go and the
+// Outside the hub's own files (hub.go, hub_publish.go, hub_handover.go,
+// hub_follow.go) only the hub's methods in compress_shared.go and the
 // client's step (fanout_client.go) take mu; the rest use the accessors.
 //
 // Goroutines of a hub: the upstream loop (runUpstream, one per upstream
 // connection, ended by its cancel or by Destruct), the heartbeat timer's
 // callback, and the delivery loops (deliverer.run, one per processor at
 // most, each ending when it has no client left) with one peer watcher per
-// handed-over client (watchPeer, ending when the connection closes).
+// handed-over client (watchPeer, ending when the connection closes); in
+// cluster mode, the follow loop of a node that does not hold the lease
+// (hub_follow.go, ended by Destruct).
 // Clients on their own request goroutine run fanoutClient.run.
 type hub struct {
 	poolKey string
@@ -431,34 +430,6 @@ func (hb *hub) streamStarted(ctx context.Context, gen uint64, lease Lease, statu
 	hb.broadcastLocked()
 }
 
-// publishGap publishes the reset event of a gap, if one is due: the
-// upstream of a backend without ids was re-opened (restart, failover),
-// and what it produced meanwhile is gone. Clients stay connected and the
-// history stays valid up to here, but the gap must not be silent: every
-// client (and every replay across this point) gets the reset event, whose
-// data is the last id before the gap, so a page can refetch its state.
-// It has an id of ours (unless ids upstream), so clients that got it
-// resume after it. A backend with ids is resumed with Last-Event-ID
-// instead: no gap. The connection's header calls it, before its events.
-func (hb *hub) publishGap(ctx context.Context, gen uint64, lease Lease) {
-	hb.pubMu.Lock()
-	defer hb.pubMu.Unlock()
-	hb.mu.Lock()
-	if !hb.gap || gen != hb.liveGen {
-		hb.mu.Unlock()
-		return
-	}
-	hb.gap = false
-	lastID := ""
-	if ev, _ := hb.win.after(nil, hb.seq-1, 1); len(ev) == 1 {
-		lastID = ev[0].id
-	}
-	raw, synthesize := sse.ResetEvent(hb.cfg.resetEvent, lastID), hb.cfg.ids != "upstream"
-	hb.mu.Unlock()
-	hb.logger.Info("reconnected to a backend without ids; events sent while disconnected are lost: sending clients the reset event")
-	_ = hb.store(ctx, lease, raw, "", synthesize, false) // a failure is logged; the connection's next event fails too
-}
-
 // onHeartbeat asks the clients to write a heartbeat when the stream has
 // been idle: one timer per hub, not one per client.
 func (hb *hub) onHeartbeat() {
@@ -488,281 +459,6 @@ func (hb *hub) beatLocked() {
 	hb.lastPub = time.Now()
 	hb.idleShared()
 	hb.broadcastLocked()
-}
-
-// publish appends one complete event to the broker, then adds it to the
-// window and wakes the clients.
-func (hb *hub) publish(ctx context.Context, gen uint64, lease Lease, raw []byte, info sse.Event) error {
-	hb.pubMu.Lock()
-	defer hb.pubMu.Unlock()
-	hb.mu.Lock()
-	if ho := hb.handover; ho != nil && gen == ho.gen {
-		// The new connection of a hand-over: held until it meets the old.
-		ho.events = append(ho.events, heldEvent{raw: append([]byte(nil), raw...), info: info})
-		if !hb.handoverMetLocked() && len(ho.events) < maxBatch && !(info.HasID() && len(info.ID()) > 0) {
-			hb.mu.Unlock()
-			return nil
-		}
-		// Met (or too much held, or the backend now sends ids, which
-		// match on their own): the new connection takes over.
-		evs := hb.switchLocked()
-		hb.mu.Unlock()
-		return hb.publishHeld(ctx, lease, evs)
-	}
-	if gen != hb.liveGen {
-		hb.mu.Unlock()
-		return nil // a replaced upstream's late event
-	}
-	if err := hb.publishLocked(ctx, lease, raw, info); err != nil {
-		return err
-	}
-	hb.mu.Lock()
-	if ho := hb.handover; ho != nil && gen == hb.liveGen && hb.handoverMetLocked() {
-		// The old connection delivered what the new one began with.
-		evs := hb.switchLocked()
-		hb.mu.Unlock()
-		return hb.publishHeld(ho.ctx, ho.lease, evs)
-	}
-	hb.mu.Unlock()
-	return nil
-}
-
-// publishLocked publishes an event of the live upstream connection. pubMu
-// and mu are held; mu is released.
-func (hb *hub) publishLocked(ctx context.Context, lease Lease, raw []byte, info sse.Event) error {
-	if hb.repeatsOverlap(raw, info) {
-		hb.mu.Unlock()
-		return nil
-	}
-	id := ""
-	if info.HasID() && !info.IDTooLong() {
-		id = string(info.ID())
-	}
-	// An empty id (r3labs/sse writes "id: " on every event) only clears
-	// the client's last id: the backend has no ids to resume from, and
-	// under ids auto the event gets one of ours.
-	backendID := info.HasID() && len(info.ID()) > 0
-	if backendID {
-		hb.backendIDs = true
-	}
-	if info.Retry() >= 0 {
-		hb.retry = time.Duration(min(info.Retry(), int64(maxBackoff/time.Millisecond))) * time.Millisecond
-		hb.retryField = []byte("retry: " + strconv.FormatInt(info.Retry(), 10) + "\n") // a line, as sse.RetryField
-	}
-	synthesize := hb.cfg.ids == "synthesize" || (hb.cfg.ids == "auto" && !backendID)
-	hb.mu.Unlock()
-
-	// The broker, outside the hub's lock.
-	return hb.store(ctx, lease, raw, id, synthesize, backendID)
-}
-
-// store appends an event to the broker, with an id of ours when
-// synthesize is set (its own, id, otherwise), then adds it to the window
-// and wakes the clients. pubMu is held, mu is not. backendID says id is the
-// backend's: once stored, the next upstream connection resumes after it.
-// An error (the broker failed) ends the upstream connection.
-func (hb *hub) store(ctx context.Context, lease Lease, raw []byte, id string, synthesize, backendID bool) error {
-	var data []byte
-	var next Position
-	if synthesize {
-		var err error
-		if next, err = hb.stream.Next(ctx); err != nil {
-			return hb.brokerFailed("next position", err)
-		}
-		id = SynthesizedID(next)
-		data = sse.WithID(raw, id)
-	} else {
-		data = sse.Terminated(raw)
-	}
-	now := time.Now()
-	pos, err := hb.stream.Append(ctx, lease, StoredEvent{ID: id, Data: data, At: now})
-	if err != nil {
-		return hb.brokerFailed("append", err)
-	}
-	if synthesize && pos != next {
-		// Only the lease holder appends, so this is not expected; the id
-		// still names an event, just not this one's position.
-		hb.logger.Error("broker appended at another position than announced", zap.String("id", id))
-	}
-
-	hb.mu.Lock()
-	defer hb.mu.Unlock()
-	if head := hb.head; head != (Position{}) && (pos.Epoch != head.Epoch || pos.Offset != head.Offset+1) {
-		// The store lost events after the window's newest (Redis restarted
-		// without its data, a failover to a replica that lagged): say so.
-		hb.logger.Warn("the stream's shared history lost events; sending clients the reset event")
-		hb.addResetLocked()
-	}
-	if backendID {
-		// Only once it is in the history: a new upstream connection resumes
-		// the backend after the last event the stream holds.
-		hb.lastBackID = id
-	}
-	hb.addLocked(pos, id, data, now)
-	return nil
-}
-
-// addLocked adds an event of the broker's history to the window and wakes
-// the clients. The hub's lock is held.
-func (hb *hub) addLocked(pos Position, id string, data []byte, at time.Time) {
-	if pos.Epoch != hb.epoch || hb.epochSeq+pos.Offset != hb.seq+1 {
-		if hb.epoch != "" && pos.Epoch != hb.epoch {
-			// The broker's history restarted: clients go on from the window,
-			// ids of the old epoch are no longer found.
-			hb.logger.Warn("broker history began a new epoch; ids from before it can no longer be resumed")
-		}
-		// A new epoch, or offsets that skip (a follower that missed
-		// trimmed events, or a local reset event before them): offsets map
-		// to window seqs from here on only, so that no id from before the
-		// jump can name the wrong event.
-		hb.epoch, hb.epochSeq, hb.epochFrom = pos.Epoch, hb.seq+1-pos.Offset, pos.Offset
-	}
-	hb.seq++
-	hb.head = pos
-	hb.resetLast = false
-	hb.win.add(&event{seq: hb.seq, id: id, data: data, at: at, z: hb.compressShared(data)})
-	hb.lastPub = at
-	hb.broadcastLocked()
-}
-
-// brokerFailed logs an event the broker did not take: clients do not get
-// it (it has no position, and nothing is made up). The error ends the
-// upstream connection: the leader connects again once the broker answers
-// (resuming a backend with ids after the last event held), or another node
-// takes over if the lease is lost meanwhile.
-func (hb *hub) brokerFailed(op string, err error) error {
-	if errors.Is(err, context.Canceled) {
-		return err // the upstream is being stopped
-	}
-	hb.mu.Lock()
-	hb.down = true // an id-less backend cannot resend what was dropped: a gap (publishGap)
-	hb.mu.Unlock()
-	if errors.Is(err, ErrFenced) {
-		hb.logger.Warn("lost the lease of this stream; another node runs the upstream", zap.String("op", op))
-		return err
-	}
-	hb.logger.Error("broker failed; dropping the event and reconnecting the upstream", zap.String("op", op), zap.Error(err))
-	return err
-}
-
-// handover is the new upstream connection of a backend without ids while
-// the one it replaces still publishes: its events are held until the two
-// streams meet, so that the switch neither loses nor repeats an event.
-type handover struct {
-	gen    uint64
-	ctx    context.Context // the new connection's, and its lease: what its held events are published with
-	lease  Lease
-	events []heldEvent
-	timer  *time.Timer // ends the wait (endHandover) if the streams never meet
-}
-
-// heldEvent is an event of the new connection held during a hand-over.
-// Its info carries no id (a backend without ids): nothing in it aliases
-// the framer's memory.
-type heldEvent struct {
-	raw  []byte
-	info sse.Event
-}
-
-// handoverWait bounds a hand-over: if the old and the new connection of a
-// backend without ids do not send a common event within it (the backend
-// sends each connection something else, or the old one stalls), the new
-// one takes over with what it holds, as it would at its header. A
-// variable so that tests can shorten it.
-var handoverWait = time.Second
-
-// handoverMetLocked reports whether an event the new connection holds is
-// one the old one published since it was replaced (hb.overlap): from
-// there on the new connection repeats the old one, and can take over.
-func (hb *hub) handoverMetLocked() bool {
-	for _, ev := range hb.handover.events {
-		for _, seen := range hb.overlap {
-			if bytes.Equal(seen, ev.raw) {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-// switchLocked makes the hand-over's new connection the one that
-// publishes, closes the old one, and returns the events the new one held:
-// the caller (holding pubMu, not mu) publishes them with publishHeld.
-func (hb *hub) switchLocked() []heldEvent {
-	ho := hb.handover
-	hb.handover = nil
-	ho.timer.Stop()
-	hb.liveGen = ho.gen
-	hb.old.stopAsync()
-	hb.old = nil
-	hb.broadcastLocked() // the admin API's upstream state changed
-	return ho.events
-}
-
-// publishHeld publishes what the new connection held during a hand-over,
-// minus what the old one published already (repeatsOverlap). pubMu is
-// held, mu is not.
-func (hb *hub) publishHeld(ctx context.Context, lease Lease, evs []heldEvent) error {
-	for _, ev := range evs {
-		hb.mu.Lock()
-		if err := hb.publishLocked(ctx, lease, ev.raw, ev.info); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// endHandover ends the hand-over ho, if it is still the hub's, without
-// the streams having met: the old connection ended, or handoverWait
-// passed. The new connection takes over with what it held.
-func (hb *hub) endHandover(ho *handover) {
-	hb.pubMu.Lock()
-	defer hb.pubMu.Unlock()
-	hb.mu.Lock()
-	if hb.handover != ho || hb.destroyed {
-		hb.mu.Unlock()
-		return
-	}
-	hb.logger.Debug("upstream hand-over: the old and new connections sent no common event; switching")
-	evs := hb.switchLocked()
-	hb.mu.Unlock()
-	_ = hb.publishHeld(ho.ctx, ho.lease, evs) // a broker failure is logged, and ends the new connection at its next event
-}
-
-// dropHandoverLocked forgets a hand-over whose new connection will not
-// take over (it ended, was replaced, or the hub is destroyed): the old
-// connection, which sent the same events, goes on publishing.
-func (hb *hub) dropHandoverLocked() {
-	if hb.handover != nil {
-		hb.handover.timer.Stop()
-		hb.handover = nil
-	}
-}
-
-// repeatsOverlap handles the moment one upstream connection replaces
-// another (a config reload): the backend sends the same events on both
-// until the new one's header switches publishing to it. While both run,
-// the old one's events are remembered; the new one's first events that
-// repeat them are dropped, so the switch adds no duplicate. A backend with
-// ids is matched by id; one without, by the event's bytes.
-func (hb *hub) repeatsOverlap(raw []byte, info sse.Event) bool {
-	if hb.old != nil { // the new connection has not switched yet
-		if len(hb.overlap) < maxBatch {
-			hb.overlap = append(hb.overlap, append([]byte(nil), raw...))
-		}
-		return false
-	}
-	if len(hb.overlap) == 0 {
-		return false
-	}
-	for i, seen := range hb.overlap {
-		if bytes.Equal(seen, raw) || (info.HasID() && len(info.ID()) > 0 && bytes.Contains(seen, append([]byte("id: "), info.ID()...))) {
-			hb.overlap = hb.overlap[i+1:]
-			return true
-		}
-	}
-	hb.overlap = nil // the new connection is past the overlap
-	return false
 }
 
 // report describes the hub for the admin API.
