@@ -203,6 +203,9 @@ func (hb *hub) readBroker(ctx context.Context) (added int, _ error) {
 			hb.logger.Warn("the stream's shared history lost events this node had not read; sending clients the reset event")
 			hb.addResetLocked()
 		}
+		if reset && had {
+			evs = hb.skipResentLocked(after, evs)
+		}
 		for _, ev := range evs {
 			if reset && ev.Pos.Epoch == after.Epoch && ev.Pos.Offset <= after.Offset {
 				continue // the backlog of the same epoch: what the window has already
@@ -225,6 +228,27 @@ func (hb *hub) readBroker(ctx context.Context) (added int, _ error) {
 			return added, nil
 		}
 	}
+}
+
+// skipResentLocked drops from evs, the start of a new history (after is
+// the window's newest, of the old one), the events up to the window's last
+// backend id. A leader that took over (Redis restarted without its data)
+// resumed the backend after the last backend id it had read, which can be
+// older than this node's: the events in between were in this node's window
+// already (read from the old history before it was lost), and would reach
+// its clients twice. The window's head moves to the last one dropped, so
+// the next read goes on after it. The hub's lock is held.
+func (hb *hub) skipResentLocked(after Position, evs []StoredEvent) []StoredEvent {
+	if !hb.backendIDs || hb.lastBackID == "" {
+		return evs
+	}
+	for i, ev := range evs {
+		if ev.Pos.Epoch != after.Epoch && ev.ID == hb.lastBackID {
+			hb.head = ev.Pos
+			return evs[i+1:]
+		}
+	}
+	return evs
 }
 
 // addResetLocked puts the reset event in the window (this node's only,
