@@ -28,8 +28,11 @@ const screenshotDirEnv = "SSE_E2E_SCREENSHOTS"
 
 // demoDeadline bounds how long TestDemoPage waits for the page to show all
 // of its story: the demo's Caddyfile makes the backend drop every
-// connection after 20 s, and the raw panel's browser reconnects 3 s later.
-const demoDeadline = 40 * time.Second
+// connection after 20 s, the raw panel's browser reconnects 3 s later, and
+// its first event after that comes with the backend's next burst, after a
+// silence of up to 20 s: 43 s in the worst case, plus start-up. (The page
+// usually shows everything within 25 s.)
+const demoDeadline = 60 * time.Second
 
 // startDemo runs demo/Caddyfile as it is, but on free ports, with its
 // storage and log in the test's temporary directory, bound to 127.0.0.1
